@@ -1,0 +1,913 @@
+//! The one model of the platform shared by the server, the CLI, the Terraform provider, the
+//! agent and the stack file format. No IO happens here.
+//!
+//! Every object is a `spec` (what a user declares, the body of create and update requests) and
+//! the metadata the server adds (`id`, `organization_id`, `revision`, timestamps); devices also
+//! carry a `status` that only the platform writes. Specs reject unknown fields, and their
+//! string-typed fields are parsed types ([`Hostname`], [`TunnelCidr`], [`Name`], ...), so a spec
+//! that deserialized is valid field by field; [`Validate`] adds the rules that span fields.
+
+mod ids;
+mod validation;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use ids::{
+    ApiKeyId, ApplicationId, DeviceId, DevicePoolId, MemberId, OrganizationId, PlacementId, UserId,
+};
+pub use validation::{
+    AbsolutePath, EnvName, Hostname, HttpPath, LabelKey, Name, Region, TunnelCidr, ValidationError,
+    check_text,
+};
+
+#[cfg(feature = "openapi")]
+use utoipa::ToSchema;
+
+/// A server-wide, strictly increasing number stamped on every write. An object's revision is
+/// the revision of the write that last changed it.
+pub type Revision = u64;
+
+/// Cross-field rules of a spec that the types alone cannot express.
+pub trait Validate {
+    fn validate(&self) -> Result<(), ValidationError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Organizations, members and API keys
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct OrganizationSpec {
+    pub name: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Organization {
+    pub id: OrganizationId,
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub spec: OrganizationSpec,
+}
+
+/// Answer to creating an organization: the organization and its first admin key, whose
+/// secret is shown only here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct OrganizationCreated {
+    pub organization: Organization,
+    pub admin_key: ApiKeyCreated,
+}
+
+/// What a member may do in an organization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Owner,
+    Admin,
+    Member,
+}
+
+/// A user's membership in an organization. Users are global (one per e-mail address); a
+/// membership is what an organization sees of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MemberSpec {
+    pub email: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    pub role: Role,
+}
+
+impl Validate for MemberSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_email(&self.email).map_err(|e| e.within("email"))?;
+        if let Some(display_name) = &self.display_name {
+            check_text("display_name", display_name, 200)?;
+        }
+        Ok(())
+    }
+}
+
+/// A plausible e-mail address: one '@' with text on both sides, a dot in the domain, no
+/// spaces. Deliverability is not checked.
+fn check_email(email: &str) -> Result<(), ValidationError> {
+    let plausible = email.len() <= 254
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && domain.contains('.') && !domain.contains('@') && !domain.starts_with('.')
+        });
+    if plausible { Ok(()) } else { Err(ValidationError::new(format!("{email:?} is not an e-mail address"))) }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Member {
+    pub id: MemberId,
+    pub organization_id: OrganizationId,
+    pub user_id: UserId,
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub spec: MemberSpec,
+}
+
+/// What an API key may do. `write` implies `read`; `admin` (keys and members) implies both;
+/// `platform` may additionally create organizations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Read,
+    Write,
+    Admin,
+    Platform,
+}
+
+impl Scope {
+    /// Whether holding `self` grants `needed`.
+    pub fn grants(self, needed: Scope) -> bool {
+        self >= needed
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySpec {
+    pub name: Name,
+    /// What the key may do; at least one scope.
+    pub scopes: BTreeSet<Scope>,
+    /// When the key stops working; never if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl Validate for ApiKeySpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.scopes.is_empty() {
+            return Err(ValidationError::at("scopes", "at least one scope is required (read, write, admin)"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ApiKey {
+    pub id: ApiKeyId,
+    pub organization_id: OrganizationId,
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The first characters of the secret, to tell keys apart.
+    pub prefix: String,
+    pub spec: ApiKeySpec,
+}
+
+/// Answer to creating an API key: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ApiKeyCreated {
+    pub api_key: ApiKey,
+    pub secret: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device pools and devices
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum PoolKind {
+    /// Hardware that users own (`serving-device` placements).
+    #[default]
+    Devices,
+    /// Operator-run cloud hosts (`cloud` placements).
+    Cloud,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DevicePoolSpec {
+    pub name: Name,
+    /// The network every tunnel address of the pool is taken from. Cannot be changed.
+    pub tunnel_cidr: TunnelCidr,
+    /// Cannot be changed.
+    #[serde(default)]
+    pub kind: PoolKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<Region>,
+}
+
+impl Validate for DevicePoolSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.kind == PoolKind::Cloud && self.region.is_none() {
+            return Err(ValidationError::at("region", "a cloud pool needs a region"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct DevicePool {
+    pub id: DevicePoolId,
+    pub organization_id: OrganizationId,
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub spec: DevicePoolSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    pub name: Name,
+    /// The pool the device's tunnel address comes from. Cannot be changed.
+    pub pool_id: DevicePoolId,
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
+    pub labels: BTreeMap<LabelKey, String>,
+}
+
+impl Validate for DeviceSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        for (key, value) in &self.labels {
+            if value.len() > 255 {
+                return Err(ValidationError::at(format!("labels.{key}"), "must be at most 255 bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a device's agent is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// Created, not enrolled yet.
+    #[default]
+    Pending,
+    Online,
+    Offline,
+}
+
+/// What the platform knows about a device; never written by users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct DeviceStatus {
+    /// The device's /32 inside its pool's tunnel network.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub tunnel_address: Ipv4Addr,
+    /// The WireGuard public key (base64), once the device enrolled.
+    pub public_key: Option<String>,
+    pub state: DeviceState,
+    /// The revision of desired state the agent last reported as applied.
+    pub applied_revision: Option<Revision>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Device {
+    pub id: DeviceId,
+    pub organization_id: OrganizationId,
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub spec: DeviceSpec,
+    pub status: DeviceStatus,
+}
+
+/// Answer to creating a device: the one-time token `edgible-agent enroll` exchanges for the
+/// device's credential.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct DeviceCreated {
+    pub device: Device,
+    pub enrollment_token: String,
+    pub enrollment_expires_at: DateTime<Utc>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Applications
+
+/// What runs. Exactly one variant, written as a single-key object: `{"process": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Workload {
+    Process(ProcessWorkload),
+    Container(ContainerWorkload),
+    Vm(VmWorkload),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ProcessWorkload {
+    /// The program to run, a path or a name looked up on the device's PATH.
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
+    pub env: BTreeMap<EnvName, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<AbsolutePath>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ContainerWorkload {
+    /// An image reference such as `registry.example/app:1.2`.
+    pub image: String,
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
+    pub env: BTreeMap<EnvName, String>,
+    /// Container ports to publish on the device's loopback.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VmWorkload {
+    /// A kernel image; requires `rootfs`, excludes `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// A root filesystem image; requires `kernel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
+    /// A bootable disk image; excludes `kernel` and `rootfs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+impl Validate for Workload {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            Workload::Process(process) => {
+                check_text("command", &process.command, 4096).map_err(|e| e.within("process"))?;
+                check_env(&process.env).map_err(|e| e.within("process.env"))
+            }
+            Workload::Container(container) => {
+                check_text("image", &container.image, 512).map_err(|e| e.within("container"))?;
+                if container.image.contains(char::is_whitespace) {
+                    return Err(ValidationError::at("container.image", "must not contain spaces"));
+                }
+                if let Some(index) = container.ports.iter().position(|port| *port == 0) {
+                    return Err(ValidationError::at(format!("container.ports[{index}]"), "must be 1-65535"));
+                }
+                check_env(&container.env).map_err(|e| e.within("container.env"))
+            }
+            Workload::Vm(vm) => match (&vm.kernel, &vm.rootfs, &vm.image) {
+                (Some(_), Some(_), None) | (None, None, Some(_)) => Ok(()),
+                (_, _, Some(_)) => {
+                    Err(ValidationError::at("vm.image", "give either `image` or `kernel` and `rootfs`, not both"))
+                }
+                (Some(_), None, None) => Err(ValidationError::at("vm.rootfs", "required with `kernel`")),
+                (None, Some(_), None) => Err(ValidationError::at("vm.kernel", "required with `rootfs`")),
+                (None, None, None) => Err(ValidationError::at("vm", "give `image`, or `kernel` and `rootfs`")),
+            },
+        }
+    }
+}
+
+fn check_env(env: &BTreeMap<EnvName, String>) -> Result<(), ValidationError> {
+    for (name, value) in env {
+        if value.len() > 32 * 1024 {
+            return Err(ValidationError::at(name.as_str(), "must be at most 32 KiB"));
+        }
+        if value.contains('\0') {
+            return Err(ValidationError::at(name.as_str(), "must not contain NUL"));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum HealthProtocol {
+    Http,
+    Tcp,
+}
+
+/// How the agent decides that the workload is healthy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub protocol: HealthProtocol,
+    /// The path to GET; required for `http`, not allowed for `tcp`. Any 2xx or 3xx passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<HttpPath>,
+    /// Seconds between checks (1-3600).
+    #[serde(default = "HealthCheck::default_interval")]
+    pub interval_seconds: u32,
+    /// Seconds one check may take (1-300, less than the interval).
+    #[serde(default = "HealthCheck::default_timeout")]
+    pub timeout_seconds: u32,
+    /// Consecutive failures before the application is unhealthy (1-100).
+    #[serde(default = "HealthCheck::default_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+impl HealthCheck {
+    fn default_interval() -> u32 {
+        10
+    }
+    fn default_timeout() -> u32 {
+        2
+    }
+    fn default_threshold() -> u32 {
+        3
+    }
+}
+
+impl Validate for HealthCheck {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match (self.protocol, &self.path) {
+            (HealthProtocol::Http, None) => return Err(ValidationError::at("path", "required for http checks")),
+            (HealthProtocol::Tcp, Some(_)) => return Err(ValidationError::at("path", "not allowed for tcp checks")),
+            _ => {}
+        }
+        if !(1..=3600).contains(&self.interval_seconds) {
+            return Err(ValidationError::at("interval_seconds", "must be 1-3600"));
+        }
+        if !(1..=300).contains(&self.timeout_seconds) {
+            return Err(ValidationError::at("timeout_seconds", "must be 1-300"));
+        }
+        if self.timeout_seconds >= self.interval_seconds && self.interval_seconds > 1 {
+            return Err(ValidationError::at("timeout_seconds", "must be less than interval_seconds"));
+        }
+        if !(1..=100).contains(&self.unhealthy_threshold) {
+            return Err(ValidationError::at("unhealthy_threshold", "must be 1-100"));
+        }
+        Ok(())
+    }
+}
+
+/// Who may reach the application. With no policy set the application is public; with several
+/// set, a request passing any one of them is let through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AccessPolicy {
+    /// Members of the application's organization, after logging in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization: Option<OrganizationAccess>,
+    /// Holders of an API key for this application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKeyAccess>,
+    /// Anyone who knows the short code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_code: Option<ShortCodeAccess>,
+}
+
+impl AccessPolicy {
+    pub fn is_public(&self) -> bool {
+        self.organization.is_none() && self.api_key.is_none() && self.short_code.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct OrganizationAccess {
+    /// Only members with one of these roles; any member if empty.
+    #[serde(default)]
+    pub roles: BTreeSet<Role>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyAccess {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ShortCodeAccess {
+    /// The code to ask for (6-64 letters and digits); the server generates one if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl Validate for AccessPolicy {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if let Some(ShortCodeAccess { code: Some(code), .. }) = &self.short_code
+            && (code.len() < 6 || code.len() > 64 || !code.chars().all(|c| c.is_ascii_alphanumeric()))
+        {
+            return Err(ValidationError::at("short_code.code", "must be 6-64 letters and digits"));
+        }
+        Ok(())
+    }
+}
+
+/// A named volume that survives workload restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    pub name: Name,
+    /// The most the volume may hold, in MiB (1 to 1,048,576).
+    pub size_mib: u64,
+    /// Where the workload sees the volume.
+    pub mount_path: AbsolutePath,
+    /// Whether the volume moves with the application when it migrates.
+    #[serde(default)]
+    pub movable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SleepMode {
+    /// Stop the workload; the next request cold-starts it.
+    Stop,
+    /// Pause (and snapshot) the workload; the next request resumes it.
+    Suspend,
+}
+
+/// Put the application to sleep when idle and wake it on the next request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SleepPolicy {
+    /// Seconds without open connections or requests before sleeping (10 to 604,800).
+    pub idle_timeout_seconds: u32,
+    pub mode: SleepMode,
+    /// Seconds a wake may take before requests get 503 (1 to 600).
+    #[serde(default = "SleepPolicy::default_wake_timeout")]
+    pub wake_timeout_seconds: u32,
+}
+
+impl SleepPolicy {
+    fn default_wake_timeout() -> u32 {
+        60
+    }
+}
+
+/// Compute limits for the workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Virtual CPUs (1-64).
+    pub vcpus: u32,
+    /// Memory in MiB (16 to 262,144).
+    pub memory_mib: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationSpec {
+    pub name: Name,
+    /// The public names the application answers at; unique across the whole platform.
+    pub hostnames: Vec<Hostname>,
+    pub workload: Workload,
+    /// The port the workload listens on (also given to it as `PORT`).
+    pub port: u16,
+    /// Environment for the workload, whatever its kind; workload-level `env` wins.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
+    pub env: BTreeMap<EnvName, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    #[serde(default)]
+    pub access: AccessPolicy,
+    #[serde(default)]
+    pub storage: Vec<Volume>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep: Option<SleepPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+/// The most hostnames one application may have.
+pub const MAX_HOSTNAMES: usize = 100;
+
+impl Validate for ApplicationSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.hostnames.is_empty() {
+            return Err(ValidationError::at("hostnames", "at least one hostname is required"));
+        }
+        if self.hostnames.len() > MAX_HOSTNAMES {
+            return Err(ValidationError::at("hostnames", format!("at most {MAX_HOSTNAMES} hostnames")));
+        }
+        let mut seen = BTreeSet::new();
+        for (index, hostname) in self.hostnames.iter().enumerate() {
+            if !seen.insert(hostname) {
+                return Err(ValidationError::at(format!("hostnames[{index}]"), format!("{hostname} is listed twice")));
+            }
+        }
+        if self.port == 0 {
+            return Err(ValidationError::at("port", "must be 1-65535"));
+        }
+        self.workload.validate().map_err(|e| e.within("workload"))?;
+        check_env(&self.env).map_err(|e| e.within("env"))?;
+        if let Some(health_check) = &self.health_check {
+            health_check.validate().map_err(|e| e.within("health_check"))?;
+        }
+        self.access.validate().map_err(|e| e.within("access"))?;
+        let mut volume_names = BTreeSet::new();
+        let mut mount_paths = BTreeSet::new();
+        for (index, volume) in self.storage.iter().enumerate() {
+            let field = format!("storage[{index}]");
+            if !volume_names.insert(&volume.name) {
+                return Err(ValidationError::at(format!("{field}.name"), format!("volume {} is declared twice", volume.name)));
+            }
+            if !mount_paths.insert(&volume.mount_path) {
+                return Err(ValidationError::at(format!("{field}.mount_path"), "another volume uses this path"));
+            }
+            if !(1..=1_048_576).contains(&volume.size_mib) {
+                return Err(ValidationError::at(format!("{field}.size_mib"), "must be 1 to 1048576"));
+            }
+        }
+        if let Some(sleep) = &self.sleep {
+            if !(10..=604_800).contains(&sleep.idle_timeout_seconds) {
+                return Err(ValidationError::at("sleep.idle_timeout_seconds", "must be 10 to 604800"));
+            }
+            if !(1..=600).contains(&sleep.wake_timeout_seconds) {
+                return Err(ValidationError::at("sleep.wake_timeout_seconds", "must be 1 to 600"));
+            }
+        }
+        if let Some(resources) = &self.resources {
+            if !(1..=64).contains(&resources.vcpus) {
+                return Err(ValidationError::at("resources.vcpus", "must be 1-64"));
+            }
+            if !(16..=262_144).contains(&resources.memory_mib) {
+                return Err(ValidationError::at("resources.memory_mib", "must be 16 to 262144"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Application {
+    pub id: ApplicationId,
+    pub organization_id: OrganizationId,
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub spec: ApplicationSpec,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Placements
+
+/// Where an application runs. Written with a `strategy` tag:
+/// `{"strategy": "serving-device", "application_id": ..., "device_id": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(tag = "strategy", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum PlacementSpec {
+    /// On a device the organization owns.
+    ServingDevice {
+        /// Cannot be changed.
+        application_id: ApplicationId,
+        device_id: DeviceId,
+    },
+    /// On an operator cloud host, chosen by the scheduler from a pool or a region.
+    Cloud {
+        /// Cannot be changed.
+        application_id: ApplicationId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool_id: Option<DevicePoolId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<Region>,
+    },
+}
+
+impl PlacementSpec {
+    pub fn application_id(&self) -> ApplicationId {
+        match self {
+            PlacementSpec::ServingDevice { application_id, .. } | PlacementSpec::Cloud { application_id, .. } => {
+                *application_id
+            }
+        }
+    }
+
+    pub fn device_id(&self) -> Option<DeviceId> {
+        match self {
+            PlacementSpec::ServingDevice { device_id, .. } => Some(*device_id),
+            PlacementSpec::Cloud { .. } => None,
+        }
+    }
+
+    pub fn strategy(&self) -> &'static str {
+        match self {
+            PlacementSpec::ServingDevice { .. } => "serving-device",
+            PlacementSpec::Cloud { .. } => "cloud",
+        }
+    }
+}
+
+impl Validate for PlacementSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if let PlacementSpec::Cloud { pool_id: None, region: None, .. } = self {
+            return Err(ValidationError::at("pool_id", "a cloud placement needs `pool_id` or `region`"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Placement {
+    pub id: PlacementId,
+    pub organization_id: OrganizationId,
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub spec: PlacementSpec,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Envelopes shared by every endpoint
+
+/// One page of a listing, in creation order. Pass `next_cursor` as `cursor` to get the next;
+/// it is absent on the last page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ErrorDetail {
+    /// A stable, machine-readable code such as `not_found`, `conflict`, `invalid`.
+    pub code: String,
+    pub message: String,
+    /// The path of the offending field in the request body (`hostnames[1]`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// Parses a JSON request body into `T` and runs its cross-field rules, naming the offending
+/// field on failure. The server, the CLI and the provider all use this, so they agree.
+pub fn parse_json<T>(body: &[u8]) -> Result<T, ValidationError>
+where
+    T: for<'de> Deserialize<'de> + Validate,
+{
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let field = error.path().to_string();
+        let message = error.inner().to_string();
+        // serde_json appends " at line L column C", which says nothing more than the path.
+        let message = match message.rfind(" at line ") {
+            Some(cut) => message[..cut].to_owned(),
+            None => message,
+        };
+        if field == "." { ValidationError::new(message) } else { ValidationError::at(field, message) }
+    })?;
+    deserializer.end().map_err(|error| ValidationError::new(error.to_string()))?;
+    value.validate()?;
+    Ok(value)
+}
+
+impl Validate for OrganizationSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn app(value: serde_json::Value) -> Result<ApplicationSpec, ValidationError> {
+        parse_json(value.to_string().as_bytes())
+    }
+
+    fn minimal_app() -> serde_json::Value {
+        json!({
+            "name": "web",
+            "hostnames": ["web.example.test"],
+            "workload": {"process": {"command": "/bin/web"}},
+            "port": 8080
+        })
+    }
+
+    #[test]
+    fn a_minimal_application_parses_with_defaults() {
+        let spec = app(minimal_app()).unwrap();
+        assert!(spec.access.is_public());
+        assert!(spec.storage.is_empty());
+        assert_eq!(spec.workload, Workload::Process(ProcessWorkload {
+            command: "/bin/web".into(),
+            args: vec![],
+            env: BTreeMap::new(),
+            working_dir: None,
+        }));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut body = minimal_app();
+        body["hostnames"] = json!(["ok.example.test", "Bad.example.test"]);
+        assert_eq!(app(body).unwrap_err().field.as_deref(), Some("hostnames[1]"));
+
+        let mut body = minimal_app();
+        body["surprise"] = json!(1);
+        let error = app(body).unwrap_err();
+        assert!(error.message.contains("unknown field `surprise`"), "{error}");
+
+        let mut body = minimal_app();
+        body["workload"] = json!({"process": {"command": "x", "env": {"9BAD": "v"}}});
+        assert_eq!(app(body).unwrap_err().field.as_deref(), Some("workload.process.env.9BAD"));
+
+        let mut body = minimal_app();
+        body["health_check"] = json!({"protocol": "http"});
+        assert_eq!(app(body).unwrap_err().field.as_deref(), Some("health_check.path"));
+
+        let mut body = minimal_app();
+        body["storage"] = json!([
+            {"name": "data", "size_mib": 10, "mount_path": "/data"},
+            {"name": "data", "size_mib": 10, "mount_path": "/other"}
+        ]);
+        assert_eq!(app(body).unwrap_err().field.as_deref(), Some("storage[1].name"));
+
+        let mut body = minimal_app();
+        body["hostnames"] = json!(["a.example.test", "a.example.test"]);
+        assert_eq!(app(body).unwrap_err().field.as_deref(), Some("hostnames[1]"));
+
+        let mut body = minimal_app();
+        body["workload"] = json!({"vm": {"kernel": "/k"}});
+        assert_eq!(app(body).unwrap_err().field.as_deref(), Some("workload.vm.rootfs"));
+
+        let mut body = minimal_app();
+        body["port"] = json!(70000);
+        assert_eq!(app(body).unwrap_err().field.as_deref(), Some("port"));
+    }
+
+    #[test]
+    fn placements_are_tagged_by_strategy() {
+        let application_id = ApplicationId::new();
+        let device_id = DeviceId::new();
+        let body = json!({"strategy": "serving-device", "application_id": application_id, "device_id": device_id});
+        let spec: PlacementSpec = parse_json(body.to_string().as_bytes()).unwrap();
+        assert_eq!(spec.device_id(), Some(device_id));
+        assert_eq!(serde_json::to_value(&spec).unwrap(), body);
+
+        let missing = json!({"strategy": "serving-device", "application_id": application_id});
+        let error = parse_json::<PlacementSpec>(missing.to_string().as_bytes()).unwrap_err();
+        assert!(error.message.contains("device_id"), "{error}");
+
+        let extra = json!({"strategy": "serving-device", "application_id": application_id, "device_id": device_id, "region": "x"});
+        assert!(parse_json::<PlacementSpec>(extra.to_string().as_bytes()).is_err());
+
+        let cloud = json!({"strategy": "cloud", "application_id": application_id});
+        let error = parse_json::<PlacementSpec>(cloud.to_string().as_bytes()).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("pool_id"));
+
+        let unknown = json!({"strategy": "moon", "application_id": application_id});
+        assert!(parse_json::<PlacementSpec>(unknown.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn scopes_are_ordered_by_power() {
+        assert!(Scope::Admin.grants(Scope::Write));
+        assert!(Scope::Write.grants(Scope::Read));
+        assert!(!Scope::Read.grants(Scope::Write));
+        assert!(!Scope::Admin.grants(Scope::Platform));
+    }
+
+    #[test]
+    fn trailing_garbage_is_refused() {
+        let body = format!("{} {{}}", minimal_app());
+        assert!(parse_json::<ApplicationSpec>(body.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,77 @@
+//! The push protocol between the server and agents or edges (DESIGN.md section 4).
+//!
+//! One WebSocket per agent (`/v1/agent/connect`) or edge (`/v1/edge/connect`), carrying
+//! versioned JSON text frames: `{"v": 1, "type": "hello", ...}`. Version 1 lives in [`v1`]
+//! and is frozen once shipped; a new version adds a module beside it.
+//!
+//! [`decode`] is the one way to read a frame: it bounds the size, checks the version and names
+//! what is wrong, so a hostile peer gets an error frame rather than a crash.
+
+pub mod v1;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// The largest frame either side accepts, in bytes. A full snapshot of a device's desired
+/// state must fit.
+pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why a frame could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {size} bytes is larger than the limit of {MAX_FRAME_BYTES}")]
+    TooLarge { size: usize },
+    #[error("protocol version {got} is not supported (this side speaks {VERSION})")]
+    UnsupportedVersion { got: u64 },
+    #[error("frame has no protocol version (`v`)")]
+    MissingVersion,
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Reads one frame into a message of the expected direction (`v1::AgentMessage` on the
+/// server, `v1::ServerMessage` on the agent).
+pub fn decode<M: DeserializeOwned>(frame: &str) -> Result<M, DecodeError> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge { size: frame.len() });
+    }
+    let value: serde_json::Value = serde_json::from_str(frame).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let object = value.as_object().ok_or_else(|| DecodeError::Malformed("a frame must be a JSON object".into()))?;
+    match object.get("v") {
+        None => return Err(DecodeError::MissingVersion),
+        Some(version) => match version.as_u64() {
+            Some(v) if v == u64::from(VERSION) => {}
+            Some(v) => return Err(DecodeError::UnsupportedVersion { got: v }),
+            None => return Err(DecodeError::Malformed("`v` must be a number".into())),
+        },
+    }
+    let kind = object
+        .get("type")
+        .and_then(|t| t.as_str())
+        .ok_or_else(|| DecodeError::Malformed("frame has no `type`".into()))?
+        .to_owned();
+    serde_json::from_value(value).map_err(|e| {
+        let message = e.to_string();
+        if message.starts_with("unknown variant") { DecodeError::UnknownType(kind) } else { DecodeError::Malformed(message) }
+    })
+}
+
+/// Writes one message as a frame.
+pub fn encode<M: Serialize>(message: &M) -> String {
+    #[derive(Serialize)]
+    struct Framed<'a, M> {
+        v: u32,
+        #[serde(flatten)]
+        message: &'a M,
+    }
+    // Serializing our own message types cannot fail: they hold no maps with non-string keys.
+    serde_json::to_string(&Framed { v: VERSION, message }).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "could not encode a protocol message");
+        String::from("{}")
+    })
+}
