@@ -16,12 +16,9 @@ use std::net::Ipv4Addr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use ids::{
-    ApiKeyId, ApplicationId, DeviceId, DevicePoolId, MemberId, OrganizationId, PlacementId, UserId,
-};
+pub use ids::{ApiKeyId, ApplicationId, DeviceId, DevicePoolId, MemberId, OrganizationId, PlacementId, UserId};
 pub use validation::{
-    AbsolutePath, EnvName, Hostname, HttpPath, LabelKey, Name, Region, TunnelCidr, ValidationError,
-    check_text,
+    AbsolutePath, EnvName, Hostname, HttpPath, LabelKey, Name, Region, TunnelCidr, ValidationError, check_text,
 };
 
 #[cfg(feature = "openapi")]
@@ -634,7 +631,10 @@ impl Validate for ApplicationSpec {
         for (index, volume) in self.storage.iter().enumerate() {
             let field = format!("storage[{index}]");
             if !volume_names.insert(&volume.name) {
-                return Err(ValidationError::at(format!("{field}.name"), format!("volume {} is declared twice", volume.name)));
+                return Err(ValidationError::at(
+                    format!("{field}.name"),
+                    format!("volume {} is declared twice", volume.name),
+                ));
             }
             if !mount_paths.insert(&volume.mount_path) {
                 return Err(ValidationError::at(format!("{field}.mount_path"), "another volume uses this path"));
@@ -679,9 +679,9 @@ pub struct Application {
 
 /// Where an application runs. Written with a `strategy` tag:
 /// `{"strategy": "serving-device", "application_id": ..., "device_id": ...}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
-#[serde(tag = "strategy", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(tag = "strategy", rename_all = "kebab-case")]
 pub enum PlacementSpec {
     /// On a device the organization owns.
     ServingDevice {
@@ -720,6 +720,58 @@ impl PlacementSpec {
         match self {
             PlacementSpec::ServingDevice { .. } => "serving-device",
             PlacementSpec::Cloud { .. } => "cloud",
+        }
+    }
+}
+
+/// The flat wire form of [`PlacementSpec`]. Deserializing through it, rather than through
+/// serde's internally tagged enum, keeps field paths (serde buffers a tagged enum's body and
+/// loses them), so a bad `device_id` is reported as `device_id`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlacementWire {
+    strategy: PlacementStrategy,
+    application_id: ApplicationId,
+    #[serde(default)]
+    device_id: Option<DeviceId>,
+    #[serde(default)]
+    pool_id: Option<DevicePoolId>,
+    #[serde(default)]
+    region: Option<Region>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum PlacementStrategy {
+    ServingDevice,
+    Cloud,
+}
+
+impl<'de> Deserialize<'de> for PlacementSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let wire = PlacementWire::deserialize(deserializer)?;
+        match wire.strategy {
+            PlacementStrategy::ServingDevice => {
+                if wire.pool_id.is_some() {
+                    return Err(D::Error::unknown_field("pool_id", &["application_id", "device_id"]));
+                }
+                if wire.region.is_some() {
+                    return Err(D::Error::unknown_field("region", &["application_id", "device_id"]));
+                }
+                let device_id = wire.device_id.ok_or_else(|| D::Error::missing_field("device_id"))?;
+                Ok(PlacementSpec::ServingDevice { application_id: wire.application_id, device_id })
+            }
+            PlacementStrategy::Cloud => {
+                if wire.device_id.is_some() {
+                    return Err(D::Error::unknown_field("device_id", &["application_id", "pool_id", "region"]));
+                }
+                Ok(PlacementSpec::Cloud {
+                    application_id: wire.application_id,
+                    pool_id: wire.pool_id,
+                    region: wire.region,
+                })
+            }
         }
     }
 }
@@ -790,11 +842,26 @@ where
             Some(cut) => message[..cut].to_owned(),
             None => message,
         };
+        let field = name_reported_field(field, &message);
         if field == "." { ValidationError::new(message) } else { ValidationError::at(field, message) }
     })?;
     deserializer.end().map_err(|error| ValidationError::new(error.to_string()))?;
     value.validate()?;
     Ok(value)
+}
+
+/// serde reports a missing field (and an unknown one found by hand-written code) at the
+/// parent's path; this appends the field's own name, taken from serde's message, unless the
+/// path already ends with it.
+pub(crate) fn name_reported_field(path: String, message: &str) -> String {
+    let named = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix).and_then(|rest| rest.split('`').next()));
+    match named {
+        Some(name) if path == "." || path.is_empty() => name.to_owned(),
+        Some(name) if path != name && !path.ends_with(&format!(".{name}")) => format!("{path}.{name}"),
+        _ => path,
+    }
 }
 
 impl Validate for OrganizationSpec {
@@ -826,12 +893,15 @@ mod tests {
         let spec = app(minimal_app()).unwrap();
         assert!(spec.access.is_public());
         assert!(spec.storage.is_empty());
-        assert_eq!(spec.workload, Workload::Process(ProcessWorkload {
-            command: "/bin/web".into(),
-            args: vec![],
-            env: BTreeMap::new(),
-            working_dir: None,
-        }));
+        assert_eq!(
+            spec.workload,
+            Workload::Process(ProcessWorkload {
+                command: "/bin/web".into(),
+                args: vec![],
+                env: BTreeMap::new(),
+                working_dir: None,
+            })
+        );
     }
 
     #[test]
@@ -844,6 +914,11 @@ mod tests {
         body["surprise"] = json!(1);
         let error = app(body).unwrap_err();
         assert!(error.message.contains("unknown field `surprise`"), "{error}");
+        assert_eq!(error.field.as_deref(), Some("surprise"));
+
+        let mut body = minimal_app();
+        body["workload"]["process"].as_object_mut().unwrap().remove("command");
+        assert_eq!(app(body).unwrap_err().field.as_deref(), Some("workload.process.command"));
 
         let mut body = minimal_app();
         body["workload"] = json!({"process": {"command": "x", "env": {"9BAD": "v"}}});
@@ -884,10 +959,15 @@ mod tests {
 
         let missing = json!({"strategy": "serving-device", "application_id": application_id});
         let error = parse_json::<PlacementSpec>(missing.to_string().as_bytes()).unwrap_err();
-        assert!(error.message.contains("device_id"), "{error}");
+        assert_eq!(error.field.as_deref(), Some("device_id"), "{error}");
 
         let extra = json!({"strategy": "serving-device", "application_id": application_id, "device_id": device_id, "region": "x"});
-        assert!(parse_json::<PlacementSpec>(extra.to_string().as_bytes()).is_err());
+        let error = parse_json::<PlacementSpec>(extra.to_string().as_bytes()).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("region"), "{error}");
+
+        let bad_id = json!({"strategy": "serving-device", "application_id": application_id, "device_id": "nope"});
+        let error = parse_json::<PlacementSpec>(bad_id.to_string().as_bytes()).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("device_id"), "{error}");
 
         let cloud = json!({"strategy": "cloud", "application_id": application_id});
         let error = parse_json::<PlacementSpec>(cloud.to_string().as_bytes()).unwrap_err();

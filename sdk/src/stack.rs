@@ -134,7 +134,8 @@ impl Stack {
             let placement = match fields.remove("placement") {
                 None | Some(serde_yaml::Value::Null) => None,
                 Some(value) => Some(
-                    deserialize_at::<StackPlacement>(value).map_err(|(f, m)| fail(join(&format!("{parent}.placement"), &f), m))?,
+                    deserialize_at::<StackPlacement>(value)
+                        .map_err(|(f, m)| fail(join(&format!("{parent}.placement"), &f), m))?,
                 ),
             };
             let spec = deserialize_at::<ApplicationSpec>(serde_yaml::Value::Mapping(fields))
@@ -168,8 +169,7 @@ impl Stack {
     }
 }
 
-/// Deserializes a YAML value, returning the path of the offending field (with an unknown
-/// field's own name appended, so it can be located) and the message.
+/// Deserializes a YAML value, returning the path of the offending field and the message.
 ///
 /// The value goes through `serde_json::Value` because serde_yaml's own `Value` only reads
 /// enums written as YAML tags (`!process`), while stack files (like the API) write them as
@@ -182,9 +182,7 @@ fn deserialize_at<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> R
             field.clear();
         }
         let message = strip_location(error.inner().to_string());
-        if let Some(unknown) = message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()) {
-            field = join(&field, unknown);
-        }
+        field = crate::model::name_reported_field(field, &message);
         (field, message)
     })
 }
@@ -346,6 +344,7 @@ applications:
         let text = GOOD.replace("    port: 9000\n", "    port: 9000\n    prot: 1\n");
         let error = Stack::parse(&text).unwrap_err();
         assert!(error.message.contains("unknown field `prot`"), "{error}");
+        assert_eq!(error.field.as_deref(), Some("applications[1].prot"));
         assert_eq!(error.line, Some(17), "{error}");
     }
 

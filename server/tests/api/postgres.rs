@@ -125,10 +125,9 @@ fn find_bin_dir() -> anyhow::Result<PathBuf> {
         .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
         .unwrap_or_default();
     versions.sort();
-    versions
-        .pop()
-        .filter(|dir| dir.join("initdb").is_file())
-        .context("PostgreSQL is not installed: no initdb on PATH or in /usr/lib/postgresql/*/bin (apt-get install postgresql)")
+    versions.pop().filter(|dir| dir.join("initdb").is_file()).context(
+        "PostgreSQL is not installed: no initdb on PATH or in /usr/lib/postgresql/*/bin (apt-get install postgresql)",
+    )
 }
 
 fn is_root() -> bool {

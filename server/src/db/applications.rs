@@ -1,0 +1,248 @@
+//! Applications and their hostnames. The spec is kept as JSON; each hostname also gets a row
+//! in `application_hostnames`, whose primary key makes it unique across the whole server and
+//! whose `parent` column finds wildcard overlaps between organizations.
+
+use edgible::model::{Application, ApplicationId, ApplicationSpec, Hostname, OrganizationId, Page, Revision};
+use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use uuid::Uuid;
+
+use super::entities::{application, application_hostname, placement};
+use super::{Db, PageRequest, StoreError, Write, check_revision, name_taken, page, parse_json, revision, to_json};
+
+fn to_model(row: application::Model) -> Result<Application, StoreError> {
+    Ok(Application {
+        id: ApplicationId(row.id),
+        organization_id: OrganizationId(row.organization_id),
+        revision: revision(row.revision)?,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        spec: parse_json("application spec", &row.spec)?,
+    })
+}
+
+/// Refuses hostnames another application holds, names under another organization's
+/// wildcard, and wildcards over another organization's names.
+async fn check_hostnames(
+    conn: &impl ConnectionTrait,
+    organization_id: OrganizationId,
+    application_id: ApplicationId,
+    hostnames: &[Hostname],
+) -> Result<(), StoreError> {
+    for (index, hostname) in hostnames.iter().enumerate() {
+        let field = format!("hostnames[{index}]");
+        let taken = application_hostname::Entity::find_by_id(hostname.to_string())
+            .filter(application_hostname::Column::ApplicationId.ne(application_id.0))
+            .one(conn)
+            .await?;
+        if taken.is_some() {
+            return Err(StoreError::conflict(field, format!("{hostname} is already used by another application")));
+        }
+        if hostname.is_wildcard() {
+            let covered = application_hostname::Entity::find()
+                .filter(application_hostname::Column::Parent.eq(hostname.parent()))
+                .filter(application_hostname::Column::Wildcard.eq(false))
+                .filter(application_hostname::Column::OrganizationId.ne(organization_id.0))
+                .one(conn)
+                .await?;
+            if covered.is_some() {
+                return Err(StoreError::conflict(
+                    field,
+                    format!("{hostname} would cover names of another organization"),
+                ));
+            }
+        } else if let Some(wildcard) = hostname.covering_wildcard() {
+            let covering = application_hostname::Entity::find_by_id(wildcard.to_string())
+                .filter(application_hostname::Column::OrganizationId.ne(organization_id.0))
+                .one(conn)
+                .await?;
+            if covering.is_some() {
+                return Err(StoreError::conflict(
+                    field,
+                    format!("{hostname} is covered by another organization's {wildcard}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the hostname rows of an application.
+async fn store_hostnames(
+    conn: &impl ConnectionTrait,
+    organization_id: OrganizationId,
+    application_id: ApplicationId,
+    hostnames: &[Hostname],
+) -> Result<(), StoreError> {
+    application_hostname::Entity::delete_many()
+        .filter(application_hostname::Column::ApplicationId.eq(application_id.0))
+        .exec(conn)
+        .await?;
+    for hostname in hostnames {
+        application_hostname::ActiveModel {
+            hostname: Set(hostname.to_string()),
+            parent: Set(hostname.parent().to_owned()),
+            wildcard: Set(hostname.is_wildcard()),
+            application_id: Set(application_id.0),
+            organization_id: Set(organization_id.0),
+        }
+        .insert(conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Fills in what the server decides: a generated short code where the policy asks for one
+/// without giving it (keeping the code generated before, on update).
+fn complete(mut spec: ApplicationSpec, previous: Option<&ApplicationSpec>) -> ApplicationSpec {
+    if let Some(short_code) = &mut spec.access.short_code
+        && short_code.code.is_none()
+    {
+        let kept = previous.and_then(|previous| previous.access.short_code.as_ref()).and_then(|old| old.code.clone());
+        short_code.code = Some(kept.unwrap_or_else(crate::secrets::short_code));
+    }
+    spec
+}
+
+async fn check_name(
+    write: &Write,
+    organization_id: OrganizationId,
+    spec: &ApplicationSpec,
+    except: Option<Uuid>,
+) -> Result<(), StoreError> {
+    if name_taken::<application::Entity, _>(
+        &write.txn,
+        application::Column::OrganizationId,
+        application::Column::Name,
+        application::Column::Id,
+        organization_id.0,
+        spec.name.as_str(),
+        except,
+    )
+    .await?
+    {
+        return Err(StoreError::conflict("name", format!("an application named {} already exists", spec.name)));
+    }
+    Ok(())
+}
+
+impl Db {
+    pub async fn application(
+        &self,
+        organization_id: OrganizationId,
+        id: ApplicationId,
+    ) -> Result<Application, StoreError> {
+        let row = application::Entity::find_by_id(id.0)
+            .filter(application::Column::OrganizationId.eq(organization_id.0))
+            .one(&self.conn)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        to_model(row)
+    }
+
+    pub async fn list_applications(
+        &self,
+        organization_id: OrganizationId,
+        request: &PageRequest,
+    ) -> Result<Page<Application>, StoreError> {
+        let mut query = application::Entity::find().filter(application::Column::OrganizationId.eq(organization_id.0));
+        if let Some(name) = &request.name {
+            query = query.filter(application::Column::Name.eq(name.as_str()));
+        }
+        if let Some(after) = request.after {
+            query = query.filter(application::Column::Id.gt(after));
+        }
+        let rows = query.order_by_asc(application::Column::Id).limit(request.limit + 1).all(&self.conn).await?;
+        page(rows, request.limit, |row| row.id, to_model)
+    }
+
+    pub async fn create_application(
+        &self,
+        organization_id: OrganizationId,
+        spec: &ApplicationSpec,
+    ) -> Result<Application, StoreError> {
+        let write = self.begin_write().await?;
+        let result = async {
+            let id = ApplicationId::new();
+            check_name(&write, organization_id, spec, None).await?;
+            check_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
+            let spec = complete(spec.clone(), None);
+            let row = application::ActiveModel {
+                id: Set(id.0),
+                organization_id: Set(organization_id.0),
+                name: Set(spec.name.to_string()),
+                spec: Set(to_json(&spec)?),
+                revision: Set(write.revision_column()),
+                created_at: Set(write.now),
+                updated_at: Set(write.now),
+            }
+            .insert(&write.txn)
+            .await?;
+            store_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
+            to_model(row)
+        }
+        .await;
+        write.finish(result).await
+    }
+
+    pub async fn update_application(
+        &self,
+        organization_id: OrganizationId,
+        id: ApplicationId,
+        expected: Option<Revision>,
+        spec: &ApplicationSpec,
+    ) -> Result<Application, StoreError> {
+        let write = self.begin_write().await?;
+        let result = async {
+            let row = application::Entity::find_by_id(id.0)
+                .filter(application::Column::OrganizationId.eq(organization_id.0))
+                .one(&write.txn)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            check_revision(expected, row.revision)?;
+            let current = to_model(row.clone())?;
+            let spec = complete(spec.clone(), Some(&current.spec));
+            if current.spec == spec {
+                return Ok(current);
+            }
+            check_name(&write, organization_id, &spec, Some(id.0)).await?;
+            check_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
+            let mut active: application::ActiveModel = row.into();
+            active.name = Set(spec.name.to_string());
+            active.spec = Set(to_json(&spec)?);
+            active.revision = Set(write.revision_column());
+            active.updated_at = Set(write.now);
+            let updated = active.update(&write.txn).await?;
+            if current.spec.hostnames != spec.hostnames {
+                store_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
+            }
+            to_model(updated)
+        }
+        .await;
+        write.finish(result).await
+    }
+
+    /// Deletes an application together with its placement and hostnames.
+    pub async fn delete_application(
+        &self,
+        organization_id: OrganizationId,
+        id: ApplicationId,
+    ) -> Result<(), StoreError> {
+        let write = self.begin_write().await?;
+        let result = async {
+            application::Entity::find_by_id(id.0)
+                .filter(application::Column::OrganizationId.eq(organization_id.0))
+                .one(&write.txn)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            placement::Entity::delete_many().filter(placement::Column::ApplicationId.eq(id.0)).exec(&write.txn).await?;
+            application_hostname::Entity::delete_many()
+                .filter(application_hostname::Column::ApplicationId.eq(id.0))
+                .exec(&write.txn)
+                .await?;
+            application::Entity::delete_by_id(id.0).exec(&write.txn).await?;
+            Ok(())
+        }
+        .await;
+        write.finish(result).await
+    }
+}

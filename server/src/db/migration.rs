@@ -1,0 +1,245 @@
+//! The schema, as migrations that run at startup. A shipped migration is never edited; a
+//! change of schema is a new migration appended to [`Migrator::migrations`].
+//!
+//! Foreign keys use the default `NO ACTION`: the operations in the sibling modules delete
+//! children explicitly, in order, so the keys are a safety net rather than a mechanism.
+
+use sea_orm_migration::prelude::*;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(Initial)]
+    }
+}
+
+struct Initial;
+
+impl MigrationName for Initial {
+    fn name(&self) -> &str {
+        "m0001_initial"
+    }
+}
+
+fn name(text: &'static str) -> Alias {
+    Alias::new(text)
+}
+
+/// The metadata columns every object table starts with.
+fn object_table(table: &'static str) -> TableCreateStatement {
+    Table::create()
+        .table(name(table))
+        .col(ColumnDef::new(name("id")).uuid().not_null().primary_key())
+        .col(ColumnDef::new(name("revision")).big_integer().not_null())
+        .col(ColumnDef::new(name("created_at")).timestamp_with_time_zone().not_null())
+        .col(ColumnDef::new(name("updated_at")).timestamp_with_time_zone().not_null())
+        .to_owned()
+}
+
+fn organization_column(table: &'static str) -> (ColumnDef, ForeignKeyCreateStatement) {
+    (
+        ColumnDef::new(name("organization_id")).uuid().not_null().to_owned(),
+        ForeignKey::create()
+            .name(format!("fk_{table}_organization"))
+            .from(name(table), name("organization_id"))
+            .to(name("organizations"), name("id"))
+            .to_owned(),
+    )
+}
+
+fn foreign_key(table: &'static str, column: &'static str, target: &'static str) -> ForeignKeyCreateStatement {
+    ForeignKey::create()
+        .name(format!("fk_{table}_{column}"))
+        .from(name(table), name(column))
+        .to(name(target), name("id"))
+        .to_owned()
+}
+
+fn unique_index(index: &'static str, table: &'static str, columns: &[&'static str]) -> IndexCreateStatement {
+    let mut statement = Index::create();
+    statement.name(index).table(name(table)).unique();
+    for column in columns {
+        statement.col(name(column));
+    }
+    statement.to_owned()
+}
+
+fn index(index: &'static str, table: &'static str, columns: &[&'static str]) -> IndexCreateStatement {
+    let mut statement = Index::create();
+    statement.name(index).table(name(table));
+    for column in columns {
+        statement.col(name(column));
+    }
+    statement.to_owned()
+}
+
+/// An object table that belongs to an organization, with its extra columns and keys.
+fn owned_table(
+    table: &'static str,
+    columns: Vec<ColumnDef>,
+    keys: Vec<ForeignKeyCreateStatement>,
+) -> TableCreateStatement {
+    let mut statement = object_table(table);
+    let (organization, mut organization_key) = organization_column(table);
+    statement.col(organization).foreign_key(&mut organization_key);
+    for column in columns {
+        statement.col(column);
+    }
+    for mut key in keys {
+        statement.foreign_key(&mut key);
+    }
+    statement
+}
+
+fn text(column: &'static str) -> ColumnDef {
+    ColumnDef::new(name(column)).text().not_null().to_owned()
+}
+
+fn optional_text(column: &'static str) -> ColumnDef {
+    ColumnDef::new(name(column)).text().null().to_owned()
+}
+
+// The trait spells `&SchemaManager` without its lifetime, and an async-trait method must match.
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for Initial {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("revision_counter"))
+                    .col(ColumnDef::new(name("id")).integer().not_null().primary_key())
+                    .col(ColumnDef::new(name("value")).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager.get_connection().execute_unprepared("INSERT INTO revision_counter (id, value) VALUES (1, 0)").await?;
+
+        let mut organizations = object_table("organizations");
+        organizations.col(text("name"));
+        manager.create_table(organizations).await?;
+        manager.create_index(unique_index("ux_organizations_name", "organizations", &["name"])).await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("users"))
+                    .col(ColumnDef::new(name("id")).uuid().not_null().primary_key())
+                    .col(text("email"))
+                    .col(ColumnDef::new(name("created_at")).timestamp_with_time_zone().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager.create_index(unique_index("ux_users_email", "users", &["email"])).await?;
+
+        manager
+            .create_table(owned_table(
+                "members",
+                vec![
+                    ColumnDef::new(name("user_id")).uuid().not_null().to_owned(),
+                    text("email"),
+                    optional_text("display_name"),
+                    text("role"),
+                ],
+                vec![foreign_key("members", "user_id", "users")],
+            ))
+            .await?;
+        manager.create_index(unique_index("ux_members_user", "members", &["organization_id", "user_id"])).await?;
+
+        manager
+            .create_table(owned_table(
+                "api_keys",
+                vec![
+                    text("name"),
+                    text("prefix"),
+                    text("secret_sha256"),
+                    text("scopes"),
+                    ColumnDef::new(name("expires_at")).timestamp_with_time_zone().null().to_owned(),
+                ],
+                vec![],
+            ))
+            .await?;
+        manager.create_index(unique_index("ux_api_keys_name", "api_keys", &["organization_id", "name"])).await?;
+        manager.create_index(unique_index("ux_api_keys_secret", "api_keys", &["secret_sha256"])).await?;
+
+        manager
+            .create_table(owned_table(
+                "device_pools",
+                vec![text("name"), text("tunnel_cidr"), text("kind"), optional_text("region")],
+                vec![],
+            ))
+            .await?;
+        manager
+            .create_index(unique_index("ux_device_pools_name", "device_pools", &["organization_id", "name"]))
+            .await?;
+
+        manager
+            .create_table(owned_table(
+                "devices",
+                vec![
+                    text("name"),
+                    ColumnDef::new(name("pool_id")).uuid().not_null().to_owned(),
+                    text("labels"),
+                    ColumnDef::new(name("tunnel_address")).big_integer().not_null().to_owned(),
+                    optional_text("public_key"),
+                    text("state"),
+                    ColumnDef::new(name("applied_revision")).big_integer().null().to_owned(),
+                    ColumnDef::new(name("last_seen_at")).timestamp_with_time_zone().null().to_owned(),
+                    optional_text("enrollment_token_sha256"),
+                    ColumnDef::new(name("enrollment_expires_at")).timestamp_with_time_zone().null().to_owned(),
+                ],
+                vec![foreign_key("devices", "pool_id", "device_pools")],
+            ))
+            .await?;
+        manager.create_index(unique_index("ux_devices_name", "devices", &["organization_id", "name"])).await?;
+        // The safety net under address allocation: even a bug cannot hand out an address twice.
+        manager.create_index(unique_index("ux_devices_address", "devices", &["pool_id", "tunnel_address"])).await?;
+
+        manager.create_table(owned_table("applications", vec![text("name"), text("spec")], vec![])).await?;
+        manager
+            .create_index(unique_index("ux_applications_name", "applications", &["organization_id", "name"]))
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("application_hostnames"))
+                    .col(ColumnDef::new(name("hostname")).text().not_null().primary_key())
+                    .col(text("parent"))
+                    .col(ColumnDef::new(name("wildcard")).boolean().not_null())
+                    .col(ColumnDef::new(name("application_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("organization_id")).uuid().not_null())
+                    .foreign_key(&mut foreign_key("application_hostnames", "application_id", "applications"))
+                    .foreign_key(&mut foreign_key("application_hostnames", "organization_id", "organizations"))
+                    .to_owned(),
+            )
+            .await?;
+        manager.create_index(index("ix_application_hostnames_parent", "application_hostnames", &["parent"])).await?;
+        manager
+            .create_index(index("ix_application_hostnames_application", "application_hostnames", &["application_id"]))
+            .await?;
+
+        manager
+            .create_table(owned_table(
+                "placements",
+                vec![
+                    ColumnDef::new(name("application_id")).uuid().not_null().to_owned(),
+                    text("strategy"),
+                    ColumnDef::new(name("device_id")).uuid().null().to_owned(),
+                    ColumnDef::new(name("pool_id")).uuid().null().to_owned(),
+                    optional_text("region"),
+                ],
+                vec![
+                    foreign_key("placements", "application_id", "applications"),
+                    foreign_key("placements", "device_id", "devices"),
+                    foreign_key("placements", "pool_id", "device_pools"),
+                ],
+            ))
+            .await?;
+        manager.create_index(unique_index("ux_placements_application", "placements", &["application_id"])).await?;
+        manager.create_index(index("ix_placements_device", "placements", &["device_id"])).await?;
+        Ok(())
+    }
+}

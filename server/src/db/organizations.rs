@@ -1,0 +1,170 @@
+//! Organizations: the tenancy boundary. Deleting one deletes everything it owns, children
+//! first, in one transaction.
+
+use std::collections::BTreeSet;
+
+use edgible::model::{
+    Name, Organization, OrganizationCreated, OrganizationId, OrganizationSpec, Page, Revision, Scope,
+};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    Set,
+};
+
+use super::entities::{
+    api_key, application, application_hostname, device, device_pool, member, organization, placement,
+};
+use super::{Db, PageRequest, StoreError, Write, api_keys, check_revision, page, parse, revision};
+use crate::secrets::NewSecret;
+
+/// The name of the key made with a new organization.
+const ADMIN_KEY_NAME: &str = "admin";
+/// The name of the key made by bootstrapping.
+const BOOTSTRAP_KEY_NAME: &str = "bootstrap";
+
+pub(super) fn to_model(row: organization::Model) -> Result<Organization, StoreError> {
+    Ok(Organization {
+        id: OrganizationId(row.id),
+        revision: revision(row.revision)?,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        spec: OrganizationSpec { name: parse("organization name", &row.name)? },
+    })
+}
+
+impl Db {
+    pub async fn organization(&self, id: OrganizationId) -> Result<Organization, StoreError> {
+        let row = organization::Entity::find_by_id(id.0).one(&self.conn).await?.ok_or(StoreError::NotFound)?;
+        to_model(row)
+    }
+
+    /// The listing of organizations a key sees: only its own.
+    pub async fn list_organizations(
+        &self,
+        own: OrganizationId,
+        request: &PageRequest,
+    ) -> Result<Page<Organization>, StoreError> {
+        let mut query = organization::Entity::find().filter(organization::Column::Id.eq(own.0));
+        if let Some(name) = &request.name {
+            query = query.filter(organization::Column::Name.eq(name.as_str()));
+        }
+        if let Some(after) = request.after {
+            query = query.filter(organization::Column::Id.gt(after));
+        }
+        let rows = query.order_by_asc(organization::Column::Id).limit(request.limit + 1).all(&self.conn).await?;
+        page(rows, request.limit, |row| row.id, to_model)
+    }
+
+    /// Creates an organization with a first key of scope `admin`.
+    pub async fn create_organization(
+        &self,
+        spec: &OrganizationSpec,
+        admin_key: &NewSecret,
+    ) -> Result<OrganizationCreated, StoreError> {
+        let write = self.begin_write().await?;
+        let result = create(&write, spec, ADMIN_KEY_NAME, Scope::Admin, admin_key).await;
+        write.finish(result).await
+    }
+
+    /// On a database without organizations, creates organization `name` with a key of scope
+    /// `platform`; answers `None` once any organization exists.
+    pub async fn bootstrap(&self, name: &Name, key: &NewSecret) -> Result<Option<OrganizationCreated>, StoreError> {
+        let write = self.begin_write().await?;
+        let result = async {
+            if organization::Entity::find().count(&write.txn).await? > 0 {
+                return Ok(None);
+            }
+            let spec = OrganizationSpec { name: name.clone() };
+            create(&write, &spec, BOOTSTRAP_KEY_NAME, Scope::Platform, key).await.map(Some)
+        }
+        .await;
+        write.finish(result).await
+    }
+
+    /// Whether no organization exists yet.
+    pub async fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(organization::Entity::find().count(&self.conn).await? == 0)
+    }
+
+    pub async fn update_organization(
+        &self,
+        id: OrganizationId,
+        expected: Option<Revision>,
+        spec: &OrganizationSpec,
+    ) -> Result<Organization, StoreError> {
+        let write = self.begin_write().await?;
+        let result = async {
+            let row = organization::Entity::find_by_id(id.0).one(&write.txn).await?.ok_or(StoreError::NotFound)?;
+            check_revision(expected, row.revision)?;
+            if row.name == spec.name.as_str() {
+                return to_model(row);
+            }
+            check_name_free(&write.txn, spec.name.as_str()).await?;
+            let mut active: organization::ActiveModel = row.into();
+            active.name = Set(spec.name.to_string());
+            active.revision = Set(write.revision_column());
+            active.updated_at = Set(write.now);
+            to_model(active.update(&write.txn).await?)
+        }
+        .await;
+        write.finish(result).await
+    }
+
+    /// Deletes an organization and everything it owns.
+    pub async fn delete_organization(&self, id: OrganizationId) -> Result<(), StoreError> {
+        let write = self.begin_write().await?;
+        let result = async {
+            organization::Entity::find_by_id(id.0).one(&write.txn).await?.ok_or(StoreError::NotFound)?;
+            let txn = &write.txn;
+            // Children before parents, so that no foreign key is ever left dangling.
+            placement::Entity::delete_many().filter(placement::Column::OrganizationId.eq(id.0)).exec(txn).await?;
+            application_hostname::Entity::delete_many()
+                .filter(application_hostname::Column::OrganizationId.eq(id.0))
+                .exec(txn)
+                .await?;
+            application::Entity::delete_many().filter(application::Column::OrganizationId.eq(id.0)).exec(txn).await?;
+            device::Entity::delete_many().filter(device::Column::OrganizationId.eq(id.0)).exec(txn).await?;
+            device_pool::Entity::delete_many().filter(device_pool::Column::OrganizationId.eq(id.0)).exec(txn).await?;
+            api_key::Entity::delete_many().filter(api_key::Column::OrganizationId.eq(id.0)).exec(txn).await?;
+            member::Entity::delete_many().filter(member::Column::OrganizationId.eq(id.0)).exec(txn).await?;
+            organization::Entity::delete_by_id(id.0).exec(txn).await?;
+            Ok(())
+        }
+        .await;
+        write.finish(result).await
+    }
+}
+
+async fn check_name_free(conn: &impl ConnectionTrait, name: &str) -> Result<(), StoreError> {
+    if organization::Entity::find().filter(organization::Column::Name.eq(name)).count(conn).await? > 0 {
+        return Err(StoreError::conflict("name", format!("an organization named {name} already exists")));
+    }
+    Ok(())
+}
+
+async fn create(
+    write: &Write,
+    spec: &OrganizationSpec,
+    key_name: &str,
+    scope: Scope,
+    key: &NewSecret,
+) -> Result<OrganizationCreated, StoreError> {
+    check_name_free(&write.txn, spec.name.as_str()).await?;
+    let id = OrganizationId::new();
+    let row = organization::ActiveModel {
+        id: Set(id.0),
+        name: Set(spec.name.to_string()),
+        revision: Set(write.revision_column()),
+        created_at: Set(write.now),
+        updated_at: Set(write.now),
+    }
+    .insert(&write.txn)
+    .await?;
+    let key_spec = edgible::model::ApiKeySpec {
+        name: parse("key name", key_name)?,
+        scopes: BTreeSet::from([scope]),
+        expires_at: None,
+    };
+    let admin_key = api_keys::insert(write, id, &key_spec, key).await?;
+    Ok(OrganizationCreated { organization: to_model(row)?, admin_key })
+}

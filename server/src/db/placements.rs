@@ -1,0 +1,217 @@
+//! Placements: where an application runs. One per application; the application is fixed,
+//! everything else (including the strategy and the device) can change in place.
+
+use edgible::model::{
+    ApplicationId, DeviceId, DevicePoolId, OrganizationId, Page, Placement, PlacementId, PlacementSpec, PoolKind,
+    Revision,
+};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    Set,
+};
+
+use super::entities::{application, device, device_pool, placement};
+use super::{Db, PageRequest, StoreError, check_revision, enum_from_text, page, parse, revision};
+
+const SERVING_DEVICE: &str = "serving-device";
+const CLOUD: &str = "cloud";
+
+fn to_model(row: placement::Model) -> Result<Placement, StoreError> {
+    let application_id = ApplicationId(row.application_id);
+    let spec = match (row.strategy.as_str(), row.device_id) {
+        (SERVING_DEVICE, Some(device_id)) => {
+            PlacementSpec::ServingDevice { application_id, device_id: DeviceId(device_id) }
+        }
+        (CLOUD, None) => PlacementSpec::Cloud {
+            application_id,
+            pool_id: row.pool_id.map(DevicePoolId),
+            region: row.region.as_deref().map(|region| parse("placement region", region)).transpose()?,
+        },
+        (strategy, _) => return Err(StoreError::Corrupt(format!("placement {} has strategy {strategy:?}", row.id))),
+    };
+    Ok(Placement {
+        id: PlacementId(row.id),
+        organization_id: OrganizationId(row.organization_id),
+        revision: revision(row.revision)?,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        spec,
+    })
+}
+
+/// The stored columns of a spec: strategy, device, pool, region.
+fn columns(spec: &PlacementSpec) -> (&'static str, Option<uuid::Uuid>, Option<uuid::Uuid>, Option<String>) {
+    match spec {
+        PlacementSpec::ServingDevice { device_id, .. } => (SERVING_DEVICE, Some(device_id.0), None, None),
+        PlacementSpec::Cloud { pool_id, region, .. } => {
+            (CLOUD, None, pool_id.map(|id| id.0), region.as_ref().map(ToString::to_string))
+        }
+    }
+}
+
+/// Checks that what the spec points at exists in the organization. Objects of other
+/// organizations are reported exactly like missing ones.
+async fn check_references(
+    conn: &impl ConnectionTrait,
+    organization_id: OrganizationId,
+    spec: &PlacementSpec,
+) -> Result<(), StoreError> {
+    let application_id = spec.application_id();
+    let application = application::Entity::find_by_id(application_id.0)
+        .filter(application::Column::OrganizationId.eq(organization_id.0))
+        .count(conn)
+        .await?;
+    if application == 0 {
+        return Err(StoreError::invalid("application_id", format!("no application {application_id}")));
+    }
+    match spec {
+        PlacementSpec::ServingDevice { device_id, .. } => {
+            let device = device::Entity::find_by_id(device_id.0)
+                .filter(device::Column::OrganizationId.eq(organization_id.0))
+                .count(conn)
+                .await?;
+            if device == 0 {
+                return Err(StoreError::invalid("device_id", format!("no device {device_id}")));
+            }
+        }
+        PlacementSpec::Cloud { pool_id: Some(pool_id), .. } => {
+            let pool = device_pool::Entity::find_by_id(pool_id.0)
+                .filter(device_pool::Column::OrganizationId.eq(organization_id.0))
+                .one(conn)
+                .await?
+                .ok_or_else(|| StoreError::invalid("pool_id", format!("no device pool {pool_id}")))?;
+            if enum_from_text::<PoolKind>("pool kind", &pool.kind)? != PoolKind::Cloud {
+                return Err(StoreError::invalid("pool_id", format!("device pool {} is not a cloud pool", pool.name)));
+            }
+        }
+        PlacementSpec::Cloud { pool_id: None, .. } => {}
+    }
+    Ok(())
+}
+
+impl Db {
+    pub async fn placement(&self, organization_id: OrganizationId, id: PlacementId) -> Result<Placement, StoreError> {
+        let row = placement::Entity::find_by_id(id.0)
+            .filter(placement::Column::OrganizationId.eq(organization_id.0))
+            .one(&self.conn)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        to_model(row)
+    }
+
+    /// Placements in creation order. They have no name; a `name` filter matches none.
+    pub async fn list_placements(
+        &self,
+        organization_id: OrganizationId,
+        request: &PageRequest,
+    ) -> Result<Page<Placement>, StoreError> {
+        if request.name.is_some() {
+            return Ok(Page { items: Vec::new(), next_cursor: None });
+        }
+        let mut query = placement::Entity::find().filter(placement::Column::OrganizationId.eq(organization_id.0));
+        if let Some(after) = request.after {
+            query = query.filter(placement::Column::Id.gt(after));
+        }
+        let rows = query.order_by_asc(placement::Column::Id).limit(request.limit + 1).all(&self.conn).await?;
+        page(rows, request.limit, |row| row.id, to_model)
+    }
+
+    pub async fn create_placement(
+        &self,
+        organization_id: OrganizationId,
+        spec: &PlacementSpec,
+    ) -> Result<Placement, StoreError> {
+        let write = self.begin_write().await?;
+        let result = async {
+            check_references(&write.txn, organization_id, spec).await?;
+            let existing = placement::Entity::find()
+                .filter(placement::Column::ApplicationId.eq(spec.application_id().0))
+                .count(&write.txn)
+                .await?;
+            if existing > 0 {
+                return Err(StoreError::conflict(
+                    "application_id",
+                    "the application is already placed; update its placement instead",
+                ));
+            }
+            let (strategy, device_id, pool_id, region) = columns(spec);
+            let row = placement::ActiveModel {
+                id: Set(PlacementId::new().0),
+                organization_id: Set(organization_id.0),
+                application_id: Set(spec.application_id().0),
+                strategy: Set(strategy.to_owned()),
+                device_id: Set(device_id),
+                pool_id: Set(pool_id),
+                region: Set(region),
+                revision: Set(write.revision_column()),
+                created_at: Set(write.now),
+                updated_at: Set(write.now),
+            }
+            .insert(&write.txn)
+            .await?;
+            to_model(row)
+        }
+        .await;
+        write.finish(result).await
+    }
+
+    pub async fn update_placement(
+        &self,
+        organization_id: OrganizationId,
+        id: PlacementId,
+        expected: Option<Revision>,
+        spec: &PlacementSpec,
+    ) -> Result<Placement, StoreError> {
+        let write = self.begin_write().await?;
+        let result = async {
+            let row = placement::Entity::find_by_id(id.0)
+                .filter(placement::Column::OrganizationId.eq(organization_id.0))
+                .one(&write.txn)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            check_revision(expected, row.revision)?;
+            let current = to_model(row.clone())?;
+            if current.spec.application_id() != spec.application_id() {
+                return Err(StoreError::invalid(
+                    "application_id",
+                    format!(
+                        "cannot be changed (it is {}); delete the placement instead",
+                        current.spec.application_id()
+                    ),
+                ));
+            }
+            if current.spec == *spec {
+                return Ok(current);
+            }
+            check_references(&write.txn, organization_id, spec).await?;
+            let (strategy, device_id, pool_id, region) = columns(spec);
+            let mut active: placement::ActiveModel = row.into();
+            active.strategy = Set(strategy.to_owned());
+            active.device_id = Set(device_id);
+            active.pool_id = Set(pool_id);
+            active.region = Set(region);
+            active.revision = Set(write.revision_column());
+            active.updated_at = Set(write.now);
+            to_model(active.update(&write.txn).await?)
+        }
+        .await;
+        write.finish(result).await
+    }
+
+    pub async fn delete_placement(&self, organization_id: OrganizationId, id: PlacementId) -> Result<(), StoreError> {
+        let write = self.begin_write().await?;
+        let result = async {
+            let deleted = placement::Entity::delete_many()
+                .filter(placement::Column::Id.eq(id.0))
+                .filter(placement::Column::OrganizationId.eq(organization_id.0))
+                .exec(&write.txn)
+                .await?;
+            if deleted.rows_affected == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
+        }
+        .await;
+        write.finish(result).await
+    }
+}

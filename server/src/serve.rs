@@ -1,0 +1,98 @@
+//! Running the server: open the database, bootstrap if asked, listen, announce the address,
+//! and serve until told to stop, then drain open requests for a bounded time.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::bootstrap::{BootstrapError, bootstrap_if_empty};
+use crate::config::ServeConfig;
+use crate::db::{Db, StoreError};
+use crate::{AppState, router};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the ready file {path}: {source}")]
+    ReadyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+/// Serves until `shutdown` completes, then lets open requests finish for at most the
+/// configured drain deadline.
+pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let db = Db::connect(&config.database_url).await?;
+    if let (Some(organization), Some(key_file)) = (&config.bootstrap, &config.bootstrap_key_file) {
+        bootstrap_if_empty(&db, organization, key_file).await?;
+    }
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Listen { address: config.listen, source })?;
+    let address = listener.local_addr().map_err(|source| ServeError::Listen { address: config.listen, source })?;
+    let url = format!("http://{address}");
+    if let Some(path) = &config.ready_file {
+        write_ready_file(path, &url).map_err(|source| ServeError::ReadyFile { path: path.clone(), source })?;
+    }
+    tracing::info!(%url, "listening");
+
+    let (stop, stopped) = watch::channel(false);
+    let server = axum::serve(listener, router(AppState::new(db))).with_graceful_shutdown(async move {
+        let mut stopped = stopped;
+        // An error means the sender is gone, which only happens once we are stopping anyway.
+        let _ = stopped.wait_for(|stop| *stop).await;
+    });
+    let mut server = tokio::spawn(server.into_future());
+    tokio::select! {
+        joined = &mut server => return finished(joined),
+        () = shutdown => {}
+    }
+    tracing::info!(deadline = ?config.drain_deadline(), "shutting down; draining open requests");
+    let _ = stop.send(true);
+    match tokio::time::timeout(config.drain_deadline(), &mut server).await {
+        Ok(joined) => finished(joined),
+        Err(_) => {
+            tracing::warn!("the drain deadline passed; closing the remaining connections");
+            server.abort();
+            Ok(())
+        }
+    }
+}
+
+fn finished(joined: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), ServeError> {
+    match joined {
+        Ok(result) => result.map_err(ServeError::Http),
+        Err(error) => Err(ServeError::Http(std::io::Error::other(error))),
+    }
+}
+
+/// Writes the URL beside the final name and renames it, so that whoever waits for the file
+/// never reads it half-written.
+fn write_ready_file(path: &Path, url: &str) -> std::io::Result<()> {
+    let temporary = temporary_path(path);
+    std::fs::write(&temporary, url)?;
+    std::fs::rename(&temporary, path)
+}
+
+/// `NAME.tmp` beside `path`, for writing a file before renaming it into place.
+pub(crate) fn temporary_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(std::ffi::OsStr::to_os_string).unwrap_or_default();
+    name.push(".tmp");
+    path.with_file_name(name)
+}

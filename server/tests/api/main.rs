@@ -1,0 +1,86 @@
+//! The API suite: every case is an async function taking the URL of a fresh, empty database.
+//! Each case runs as its own test against SQLite; `postgres_suite` runs them all against
+//! PostgreSQL when `EDGIBLE_ACC=1`, each on its own database of one throwaway cluster.
+//!
+//! Run: `cargo test -p edgible-server --test api` (add `EDGIBLE_ACC=1` for PostgreSQL).
+
+mod addresses;
+mod binary;
+mod crud;
+mod isolation;
+mod paging;
+mod postgres;
+mod support;
+mod system;
+mod validation;
+
+/// Declares the cases once and generates the SQLite tests and the PostgreSQL suite.
+macro_rules! suite {
+    ($($module:ident :: $case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> anyhow::Result<()> {
+                    let db = crate::support::SqliteDb::new()?;
+                    crate::$module::$case(db.url()).await
+                }
+            )*
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn postgres_suite() -> anyhow::Result<()> {
+            if std::env::var("EDGIBLE_ACC").as_deref() != Ok("1") {
+                eprintln!("skipping postgres_suite: set EDGIBLE_ACC=1 to run the API suite against PostgreSQL");
+                return Ok(());
+            }
+            let postgres = crate::postgres::Postgres::start()?;
+            let mut failures = Vec::new();
+            $(
+                let case = stringify!($case);
+                let url = postgres.create_database(case)?;
+                match crate::$module::$case(url).await {
+                    Ok(()) => eprintln!("postgres_suite: {case} ok"),
+                    Err(error) => {
+                        eprintln!("postgres_suite: {case} FAILED: {error:#}");
+                        failures.push(case);
+                    }
+                }
+            )*
+            anyhow::ensure!(failures.is_empty(), "cases failed on PostgreSQL: {}", failures.join(", "));
+            Ok(())
+        }
+    };
+}
+
+suite! {
+    crud::crud_organizations,
+    crud::crud_members,
+    crud::crud_api_keys,
+    crud::crud_device_pools,
+    crud::crud_devices,
+    crud::crud_applications,
+    crud::crud_placements,
+    crud::stale_revisions_are_refused,
+    crud::names_are_unique_per_organization,
+    crud::immutable_fields_are_refused,
+    crud::dependents_block_deletes,
+    crud::deleting_an_application_deletes_its_placement,
+    crud::deleting_an_organization_deletes_everything,
+    crud::members_reuse_users_and_keep_an_owner,
+    isolation::other_organizations_objects_are_invisible,
+    isolation::hostnames_are_unique_across_organizations,
+    isolation::references_to_other_organizations_are_refused,
+    addresses::concurrent_devices_get_distinct_addresses,
+    addresses::addresses_are_released_and_reused,
+    addresses::exhausted_pools_refuse_devices,
+    paging::paging_walks_every_object_once,
+    paging::bad_paging_parameters_are_refused,
+    validation::invalid_values_name_the_field,
+    validation::malformed_requests_are_refused,
+    validation::keys_must_be_valid,
+    validation::scopes_are_enforced,
+    system::bootstrap_only_runs_on_an_empty_database,
+    system::whoami_describes_the_key,
+    system::openapi_describes_every_collection,
+    system::health_and_metrics,
+}
