@@ -23,10 +23,10 @@ use serde::de::DeserializeOwned;
 use url::Url;
 
 use crate::model::{
-    ApiKey, ApiKeyCreated, ApiKeyId, ApiKeySpec, Application, ApplicationId, ApplicationSpec, Device,
-    DeviceCreated, DeviceId, DevicePool, DevicePoolId, DevicePoolSpec, DeviceSpec, ErrorBody, Member,
-    MemberId, MemberSpec, Organization, OrganizationCreated, OrganizationId, OrganizationSpec, Page,
-    Placement, PlacementId, PlacementSpec, Revision,
+    ApiKey, ApiKeyCreated, ApiKeyId, ApiKeySpec, Application, ApplicationId, ApplicationSpec, Device, DeviceCreated,
+    DeviceId, DevicePool, DevicePoolId, DevicePoolSpec, DeviceSpec, ErrorBody, Member, MemberId, MemberSpec,
+    Organization, OrganizationCreated, OrganizationId, OrganizationSpec, Page, Placement, PlacementId, PlacementSpec,
+    Revision,
 };
 
 /// What went wrong talking to the server, and whether the server said so.
@@ -195,7 +195,8 @@ impl Client {
     /// Like [`Client::new`], with a caller-built HTTP client (extra root certificates,
     /// proxies, timeouts).
     pub fn with_http(endpoint: &str, api_key: &str, http: reqwest::Client) -> Result<Self, ClientError> {
-        let invalid = |message: &str| ClientError::InvalidEndpoint { url: endpoint.to_owned(), message: message.to_owned() };
+        let invalid =
+            |message: &str| ClientError::InvalidEndpoint { url: endpoint.to_owned(), message: message.to_owned() };
         let mut base = Url::parse(endpoint).map_err(|e| invalid(&e.to_string()))?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(invalid("the scheme must be http or https"));
@@ -276,7 +277,8 @@ impl Client {
     pub async fn delete<R: Resource>(&self, id: &R::Id) -> Result<(), ClientError> {
         let url = self.url(&format!("v1/{}/{id}", R::PATH))?;
         let request = self.http.delete(url.clone()).bearer_auth(&self.api_key);
-        let response = request.send().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
+        let response =
+            request.send().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
         check_status(response).await.map(drop)
     }
 
@@ -302,12 +304,10 @@ impl Client {
         if let Some(revision) = if_match {
             request = request.header(reqwest::header::IF_MATCH, format!("\"{revision}\""));
         }
-        let response = request.send().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
+        let response =
+            request.send().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
         let response = check_status(response).await?;
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
+        let bytes = response.bytes().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url: url.to_string(), message: e.to_string() })
     }
 }

@@ -57,7 +57,11 @@ pub fn decode<M: DeserializeOwned>(frame: &str) -> Result<M, DecodeError> {
         .to_owned();
     serde_json::from_value(value).map_err(|e| {
         let message = e.to_string();
-        if message.starts_with("unknown variant") { DecodeError::UnknownType(kind) } else { DecodeError::Malformed(message) }
+        if message.starts_with("unknown variant") {
+            DecodeError::UnknownType(kind)
+        } else {
+            DecodeError::Malformed(message)
+        }
     })
 }
 

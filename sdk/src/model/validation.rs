@@ -117,7 +117,8 @@ macro_rules! parsed_string {
 pub struct Name(String);
 
 impl Name {
-    pub const DESCRIPTION: &'static str = "1-63 lowercase letters, digits or '-', starting with a letter, not ending with '-'";
+    pub const DESCRIPTION: &'static str =
+        "1-63 lowercase letters, digits or '-', starting with a letter, not ending with '-'";
 }
 
 impl FromStr for Name {
@@ -294,9 +295,9 @@ impl FromStr for TunnelCidr {
         if s.contains(':') {
             return Err(ValidationError::new(format!("{s:?}: tunnel networks must be IPv4")));
         }
-        let net: Ipv4Net = s
-            .parse()
-            .map_err(|_| ValidationError::new(format!("{s:?} is not an IPv4 network in CIDR notation (like 100.96.0.0/16)")))?;
+        let net: Ipv4Net = s.parse().map_err(|_| {
+            ValidationError::new(format!("{s:?} is not an IPv4 network in CIDR notation (like 100.96.0.0/16)"))
+        })?;
         if net.prefix_len() < 8 || net.prefix_len() > 30 {
             return Err(ValidationError::new(format!(
                 "{s:?}: the prefix length must be between /8 and /30, got /{}",

@@ -25,19 +25,36 @@ pub enum AgentMessage {
         agent_version: String,
     },
     /// The agent applied desired state at this revision.
-    Ack { revision: Revision },
+    Ack {
+        revision: Revision,
+    },
     /// Per-application status.
-    Status { applications: Vec<ApplicationStatus> },
-    Event { application_id: Option<ApplicationId>, at: DateTime<Utc>, message: String },
-    Logs { application_id: ApplicationId, lines: Vec<LogLine> },
-    Pong { nonce: u64 },
+    Status {
+        applications: Vec<ApplicationStatus>,
+    },
+    Event {
+        application_id: Option<ApplicationId>,
+        at: DateTime<Utc>,
+        message: String,
+    },
+    Logs {
+        application_id: ApplicationId,
+        lines: Vec<LogLine>,
+    },
+    Pong {
+        nonce: u64,
+    },
 }
 
 /// What the server sends an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
-    Welcome { device_id: DeviceId, tunnel_address: Ipv4Addr, server_version: String },
+    Welcome {
+        device_id: DeviceId,
+        tunnel_address: Ipv4Addr,
+        server_version: String,
+    },
     /// Desired state. `full` snapshots replace everything the agent has; deltas upsert
     /// `applications` and remove `removed`.
     ApplicationUpdate {
@@ -47,9 +64,13 @@ pub enum ServerMessage {
         #[serde(default)]
         removed: Vec<ApplicationId>,
     },
-    Ping { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
     /// The server could not handle a frame the agent sent.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
