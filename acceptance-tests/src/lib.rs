@@ -5,11 +5,13 @@
 //! Heavy tiers (terraform, namespaces, PostgreSQL, browsers) are gated by [`HEAVY_ENV`]; a test
 //! calls [`heavy_tier`] first and returns early, printing why, when it is not set.
 
+pub mod cli;
 pub mod server;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use cli::Cli;
 pub use server::ServerProcess;
 
 /// The environment variable that turns on the heavy test tiers. The README's test command

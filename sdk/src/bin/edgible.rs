@@ -1,0 +1,193 @@
+//! The `edgible` command line: log in to a server, manage organizations, API keys, device
+//! pools, devices, applications and placements, and deploy stack files.
+//!
+//! Each object kind has its own module with its clap arguments and handlers; [`plan`] is the
+//! pure stack diff and [`stack`] applies it. Handlers return `anyhow` errors with context
+//! (this is the binary's top layer); the reusable parts ([`config`], [`resolve`], [`plan`])
+//! have typed errors. `main` prints the error chain as one `error: ...` line and exits 1.
+
+// A binary's root is `src/bin/edgible.rs`, so its submodules would be looked up beside it in
+// `src/bin/`, where cargo would take them for binaries of their own; they live in `edgible/`.
+#[path = "edgible/applications.rs"]
+mod applications;
+#[path = "edgible/config.rs"]
+mod config;
+#[path = "edgible/devices.rs"]
+mod devices;
+#[path = "edgible/keys.rs"]
+mod keys;
+#[path = "edgible/login.rs"]
+mod login;
+#[path = "edgible/organizations.rs"]
+mod organizations;
+#[path = "edgible/output.rs"]
+mod output;
+#[path = "edgible/placements.rs"]
+mod placements;
+#[path = "edgible/plan.rs"]
+mod plan;
+#[path = "edgible/pools.rs"]
+mod pools;
+#[path = "edgible/resolve.rs"]
+mod resolve;
+#[path = "edgible/stack.rs"]
+mod stack;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgible::Client;
+
+use crate::config::{Env, ProcessEnv};
+use crate::output::Format;
+
+#[derive(Debug, Parser)]
+#[command(name = "edgible", version, about = "Publish workloads on your devices at HTTPS hostnames")]
+#[command(after_help = "The server and key come from `edgible login`, saved in the user's configuration \
+directory ($EDGIBLE_CONFIG_DIR/config.json when set); EDGIBLE_ENDPOINT and EDGIBLE_API_KEY override them.")]
+struct Cli {
+    /// How to print results: aligned tables for people, or the API's JSON.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Verify an API key with a server and save both for the other commands.
+    Login(login::LoginArgs),
+    /// Show the organization and API key in use.
+    Whoami,
+    /// Organizations (creating and deleting them needs a platform key).
+    #[command(subcommand, visible_alias = "organization")]
+    Org(organizations::OrgCommand),
+    /// API keys of the organization.
+    #[command(subcommand, visible_alias = "api-key")]
+    Key(keys::KeyCommand),
+    /// Device pools: the tunnel networks devices get their addresses from.
+    #[command(subcommand, visible_alias = "device-pool")]
+    Pool(pools::PoolCommand),
+    /// Devices that run applications.
+    #[command(subcommand)]
+    Device(devices::DeviceCommand),
+    /// Applications: what runs and at which hostnames.
+    #[command(subcommand, visible_alias = "application")]
+    App(applications::AppCommand),
+    /// Placements: where an application runs.
+    #[command(subcommand)]
+    Placement(placements::PlacementCommand),
+    /// Stack files: declare applications and placements in one YAML file.
+    #[command(subcommand)]
+    Stack(stack::StackCommand),
+}
+
+/// What every command handler gets: the output format and where to find the server.
+#[derive(Debug)]
+pub struct Context {
+    pub format: Format,
+    env: ProcessEnv,
+}
+
+impl Context {
+    /// A client for the server and key of the configuration.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let config = config::load(&self.env)?;
+        Ok(Client::new(&config.endpoint, &config.api_key)?)
+    }
+
+    pub fn env(&self) -> &impl Env {
+        &self.env
+    }
+}
+
+fn main() -> ExitCode {
+    // The one TLS crypto provider of the process, installed before any client exists.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let context = Context { format: cli.format, env: ProcessEnv };
+    match runtime.block_on(run(cli.command, &context)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", render_error(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, context: &Context) -> anyhow::Result<()> {
+    match command {
+        Command::Login(args) => login::login(args, context).await,
+        Command::Whoami => login::whoami(context).await,
+        Command::Org(command) => organizations::run(command, context).await,
+        Command::Key(command) => keys::run(command, context).await,
+        Command::Pool(command) => pools::run(command, context).await,
+        Command::Device(command) => devices::run(command, context).await,
+        Command::App(command) => applications::run(command, context).await,
+        Command::Placement(command) => placements::run(command, context).await,
+        Command::Stack(command) => stack::run(command, context).await,
+    }
+}
+
+/// The error and its causes on one line, without Debug output or a backtrace. Some errors
+/// repeat their source's text in their own message (reqwest's and the client's do); a cause
+/// already shown is not shown again.
+fn render_error(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+/// Logs go to stderr, quiet unless `RUST_LOG` asks for more, so stdout stays parseable.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot reach the server: {0}")]
+        struct Outer(#[source] std::io::Error);
+
+        let error = anyhow::Error::new(Outer(std::io::Error::other("refused"))).context("listing applications");
+        assert_eq!(render_error(&error), "listing applications: cannot reach the server: refused");
+    }
+
+    #[test]
+    fn output_is_a_global_flag() {
+        let cli = Cli::try_parse_from(["edgible", "app", "list", "-o", "json"]).unwrap();
+        assert_eq!(cli.format, Format::Json);
+        let cli = Cli::try_parse_from(["edgible", "-o", "json", "pool", "get", "home"]).unwrap();
+        assert_eq!(cli.format, Format::Json);
+    }
+}
