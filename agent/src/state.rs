@@ -1,0 +1,305 @@
+//! The agent's state directory: what it must remember across restarts.
+//!
+//! ```text
+//! STATE_DIR/            mode 0700
+//!   state.json          mode 0600: last desired state, applied revision, what runs
+//!   secrets/NAME        mode 0600: the device credential, private keys
+//!   logs/               output files of process workloads
+//!   lock                held (flock) by the agent that uses the directory
+//! ```
+//!
+//! Every file is written atomically: to a temporary file in the same directory, synced, then
+//! renamed over the old one (and the directory synced), so a crash or power loss leaves either
+//! the old or the new content, never a mix. `state.json` holds environment values, which may be
+//! secrets, so it is private too.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use edgible::model::{ApplicationId, Revision};
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{LaunchSpec, WorkloadHandle};
+use crate::reconcile::DesiredState;
+
+/// The version of `state.json` this build writes.
+pub const STATE_FORMAT: u32 = 1;
+
+const STATE_FILE: &str = "state.json";
+const LOCK_FILE: &str = "lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a valid state file: {source}")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error("{path} has format {found}; this agent reads format {STATE_FORMAT}")]
+    Format { path: PathBuf, found: u32 },
+    #[error("{0:?} is not a valid secret name (letters, digits, '-', '_' and '.')")]
+    SecretName(String),
+    #[error("another agent uses the state directory {0}")]
+    Locked(PathBuf),
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StateError + 'a {
+    move |source| StateError::Io { action, path: path.to_owned(), source }
+}
+
+/// What `state.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedState {
+    pub format: u32,
+    pub desired: DesiredState,
+    /// The revision of desired state last applied.
+    pub applied_revision: Option<Revision>,
+    /// The workloads the agent started or adopted and has not stopped.
+    pub workloads: BTreeMap<ApplicationId, WorkloadRecord>,
+}
+
+impl Default for PersistedState {
+    fn default() -> Self {
+        Self {
+            format: STATE_FORMAT,
+            desired: DesiredState::default(),
+            applied_revision: None,
+            workloads: BTreeMap::new(),
+        }
+    }
+}
+
+/// A workload the agent is responsible for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadRecord {
+    pub launch: LaunchSpec,
+    /// The revision of the application it runs.
+    pub revision: Revision,
+    pub handle: WorkloadHandle,
+}
+
+/// An open state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creating if needed) a state directory and makes it private.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StateError> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(io_error("create", &root))?;
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(io_error("set permissions of", &root))?;
+        Ok(Self { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Takes the directory for this agent: two agents on one directory would each adopt and
+    /// restart the other's workloads. Held until the lock is dropped (or the process ends).
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        let path = self.root.join(LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_error("open", &path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => Err(StateError::Locked(self.root.clone())),
+            Err(fs::TryLockError::Error(error)) => Err(io_error("lock", &path)(error)),
+        }
+    }
+
+    /// Where process workloads' output files go.
+    pub fn log_dir(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    /// Reads `state.json`; a directory without one is a fresh agent.
+    pub fn load(&self) -> Result<PersistedState, StateError> {
+        let path = self.root.join(STATE_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(PersistedState::default()),
+            Err(error) => return Err(io_error("read", &path)(error)),
+        };
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        let format: Format =
+            serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        if format.format != STATE_FORMAT {
+            return Err(StateError::Format { path, found: format.format });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source })
+    }
+
+    pub fn save(&self, state: &PersistedState) -> Result<(), StateError> {
+        let bytes = serialize(state);
+        write_atomically(&self.root.join(STATE_FILE), &bytes)
+    }
+
+    /// Stores a secret (mode 0600) under `secrets/NAME`.
+    pub fn write_secret(&self, name: &str, secret: &[u8]) -> Result<PathBuf, StateError> {
+        let path = self.secret_path(name)?;
+        let dir = self.root.join("secrets");
+        fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_error("set permissions of", &dir))?;
+        write_atomically(&path, secret)?;
+        Ok(path)
+    }
+
+    /// Reads a secret, `None` if it was never stored.
+    pub fn read_secret(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let path = self.secret_path(name)?;
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(io_error("read", &path)(error)),
+        }
+    }
+
+    fn secret_path(&self, name: &str) -> Result<PathBuf, StateError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('.')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if valid { Ok(self.root.join("secrets").join(name)) } else { Err(StateError::SecretName(name.to_owned())) }
+    }
+}
+
+/// Exclusive use of a state directory; released when dropped.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: fs::File,
+}
+
+/// The bytes `save` writes, to let callers skip writing what did not change.
+pub fn serialize(state: &PersistedState) -> Vec<u8> {
+    // The state holds only strings, numbers and maps keyed by ids, which always serialize.
+    serde_json::to_vec_pretty(state).unwrap_or_else(|error| {
+        tracing::error!(%error, "could not serialize the agent state");
+        Vec::new()
+    })
+}
+
+/// Replaces `path` with `bytes` so that readers see the old or the new content, never a mix.
+/// The file is private (0600) from its creation on.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    let temporary = dir.join(format!(".{file_name}.tmp"));
+    // A temporary file left by a crash may have other permissions; start from scratch.
+    match fs::remove_file(&temporary) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(io_error("remove", &temporary)(error)),
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(io_error("create", &temporary))?;
+    file.write_all(bytes).map_err(io_error("write", &temporary))?;
+    file.sync_all().map_err(io_error("sync", &temporary))?;
+    drop(file);
+    fs::rename(&temporary, path).map_err(io_error("rename into", path))?;
+    // The rename is durable only once the directory is synced.
+    fs::File::open(dir).and_then(|dir| dir.sync_all()).map_err(io_error("sync", dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::DesiredUpdate;
+    use crate::reconcile::plan::tests::application;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).expect("exists").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn state_round_trips_and_is_private() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = StateDir::open(temp.path().join("agent")).expect("open");
+        assert_eq!(dir.load().expect("load"), PersistedState::default(), "a fresh directory has a default state");
+
+        let web = application("web", 3, "serve");
+        let mut state = PersistedState::default();
+        state.desired.apply(DesiredUpdate::full(3, vec![web.clone()]));
+        state.applied_revision = Some(3);
+        state.workloads.insert(
+            web.id,
+            WorkloadRecord {
+                launch: crate::driver::LaunchSpec::from_application(&web),
+                revision: 3,
+                handle: WorkloadHandle::Process { pid: 42, start_time: 4242 },
+            },
+        );
+        dir.save(&state).expect("save");
+        assert_eq!(dir.load().expect("load"), state);
+        assert_eq!(mode(dir.root()), 0o700);
+        assert_eq!(mode(&dir.root().join(STATE_FILE)), 0o600);
+        let leftovers: Vec<_> =
+            fs::read_dir(dir.root()).expect("list").filter_map(Result::ok).map(|e| e.file_name()).collect();
+        assert_eq!(leftovers, [std::ffi::OsString::from(STATE_FILE)], "no temporary file is left behind");
+    }
+
+    #[test]
+    fn a_stale_temporary_file_with_loose_permissions_is_replaced() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = StateDir::open(temp.path()).expect("open");
+        let temporary = dir.root().join(".state.json.tmp");
+        fs::write(&temporary, b"half written").expect("write");
+        fs::set_permissions(&temporary, fs::Permissions::from_mode(0o644)).expect("chmod");
+        dir.save(&PersistedState::default()).expect("save");
+        assert_eq!(mode(&dir.root().join(STATE_FILE)), 0o600);
+        assert!(!temporary.exists());
+    }
+
+    #[test]
+    fn corrupt_and_future_state_files_are_named_errors() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = StateDir::open(temp.path()).expect("open");
+        fs::write(dir.root().join(STATE_FILE), b"{not json").expect("write");
+        assert!(matches!(dir.load(), Err(StateError::Corrupt { .. })));
+        fs::write(dir.root().join(STATE_FILE), br#"{"format": 99}"#).expect("write");
+        assert!(matches!(dir.load(), Err(StateError::Format { found: 99, .. })));
+    }
+
+    #[test]
+    fn one_agent_at_a_time_holds_the_directory() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = StateDir::open(temp.path()).expect("open");
+        let lock = dir.lock().expect("the first lock");
+        assert!(matches!(dir.lock(), Err(StateError::Locked(_))));
+        drop(lock);
+        dir.lock().expect("free again");
+    }
+
+    #[test]
+    fn secrets_are_private_and_names_cannot_escape() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = StateDir::open(temp.path()).expect("open");
+        assert_eq!(dir.read_secret("device-key").expect("read"), None);
+        let path = dir.write_secret("device-key", b"s3cret").expect("write");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.root().join("secrets")), 0o700);
+        assert_eq!(dir.read_secret("device-key").expect("read").as_deref(), Some(&b"s3cret"[..]));
+        dir.write_secret("device-key", b"rotated").expect("overwrite");
+        assert_eq!(dir.read_secret("device-key").expect("read").as_deref(), Some(&b"rotated"[..]));
+        for bad in ["", "../state.json", "a/b", ".hidden"] {
+            assert!(matches!(dir.write_secret(bad, b"x"), Err(StateError::SecretName(_))), "{bad:?}");
+        }
+    }
+}
