@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod server;
+pub mod terraform;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
