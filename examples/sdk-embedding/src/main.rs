@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use edgible::Client;
-use edgible::model::{
-    Application, ApplicationSpec, Device, Placement, PlacementSpec, ProcessWorkload, Workload,
-};
+use edgible::model::{Application, ApplicationSpec, Device, Placement, PlacementSpec, ProcessWorkload, Workload};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -26,8 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let api_key = std::env::var("EDGIBLE_API_KEY").context("set EDGIBLE_API_KEY")?;
     let client = Client::new(&endpoint, &api_key)?;
 
-    let device: Device =
-        client.find_by_name(device).await?.with_context(|| format!("no device named {device}"))?;
+    let device: Device = client.find_by_name(device).await?.with_context(|| format!("no device named {device}"))?;
     let spec = ApplicationSpec {
         name: name.parse()?,
         hostnames: vec![hostname.parse()?],
@@ -55,7 +52,8 @@ async fn main() -> anyhow::Result<()> {
     println!("application {} ({}) at revision {}", application.spec.name, application.id, application.revision);
 
     let placement_spec = PlacementSpec::ServingDevice { application_id: application.id, device_id: device.id };
-    let existing = client.list_all::<Placement>().await?.into_iter().find(|p| p.spec.application_id() == application.id);
+    let existing =
+        client.list_all::<Placement>().await?.into_iter().find(|p| p.spec.application_id() == application.id);
     let placement = match existing {
         None => client.create::<Placement>(&placement_spec).await?,
         Some(existing) if existing.spec == placement_spec => existing,
