@@ -7,5 +7,7 @@ pub mod client;
 pub mod model;
 pub mod protocol;
 pub mod stack;
+#[cfg(feature = "tunnel")]
+pub mod tunnel;
 
 pub use client::{Client, ClientError};
