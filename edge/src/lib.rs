@@ -1,12 +1,46 @@
 //! The Edgible edge: routes incoming TLS connections by the server name of their ClientHello,
 //! without decrypting them, to the device that serves that name.
 //!
-//! This crate holds, so far, the edge's pure protocol core: [`sni`] reads the requested server
-//! name from the first bytes of a connection and [`routes`] maps server names to devices.
-//! Neither does any IO, so both are tested with captured bytes and fuzzed (`edge/fuzz/`).
+//! The pure protocol core does no IO and is tested with captured bytes and fuzzed
+//! (`edge/fuzz/`): [`sni`] reads the requested server name from the first bytes of a
+//! connection, [`routes`] maps server names to devices, [`proxy_v2`] encodes (and, for the
+//! device's proxy, decodes) the PROXY protocol v2 header, and [`alert`] builds the TLS alerts
+//! that refuse a connection.
+//!
+//! Around it, the data path (the default `runtime` feature): [`listener`] accepts connections under the caps of [`limits`],
+//! [`splice`] peeks the ClientHello, routes it and splices the encrypted stream to the device,
+//! [`acme_http`] serves the HTTP port (ACME HTTP-01 challenges, redirects to https), and
+//! [`metrics`] counts it all for the admin port. [`server`] assembles the three ports and
+//! drains them at shutdown.
+//!
+//! The route table comes in through [`route_source::SharedRoutes`], the seam for whatever
+//! decides the routes: a static file ([`route_file`], reloaded on SIGHUP) today, the
+//! server's hub later. The edge never holds a private key: it cannot read the traffic it
+//! forwards, only the ClientHello, which is plaintext.
 
+pub mod alert;
+pub mod proxy_v2;
 pub mod routes;
 pub mod sni;
+
+#[cfg(feature = "runtime")]
+pub mod acme_http;
+#[cfg(feature = "runtime")]
+pub mod config;
+#[cfg(feature = "runtime")]
+pub mod limits;
+#[cfg(feature = "runtime")]
+pub mod listener;
+#[cfg(feature = "runtime")]
+pub mod metrics;
+#[cfg(feature = "runtime")]
+pub mod route_file;
+#[cfg(feature = "runtime")]
+pub mod route_source;
+#[cfg(feature = "runtime")]
+pub mod server;
+#[cfg(feature = "runtime")]
+pub mod splice;
 
 pub use routes::{Route, RouteTable, RouteTarget};
 pub use sni::{ServerName, SniError, parse_client_hello};

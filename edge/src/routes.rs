@@ -19,6 +19,11 @@ use edgible::model::{DeviceId, Hostname};
 pub struct RouteTarget {
     pub device_id: DeviceId,
     pub tunnel_address: Ipv4Addr,
+    /// Whether the device is connected. A name of an offline device stays routed (it is still
+    /// the device's name) but is refused at once with an `internal_error` alert, instead of
+    /// letting every client wait for a connect timeout. A change of this flag shows in a
+    /// [`RouteTable::diff`] as a [`RouteChange::Changed`].
+    pub online: bool,
 }
 
 /// One entry of a route table: a hostname (exact or wildcard) and its target.
@@ -402,7 +407,7 @@ mod tests {
     #[test]
     fn works_with_device_targets() {
         let device_id = DeviceId::new();
-        let target = RouteTarget { device_id, tunnel_address: Ipv4Addr::new(100, 96, 0, 2) };
+        let target = RouteTarget { device_id, tunnel_address: Ipv4Addr::new(100, 96, 0, 2), online: true };
         let routes = RouteTable::from_routes([Route { hostname: hostname("app.example.test"), target }]).unwrap();
         assert_eq!(routes.target("app.example.test"), Some(&target));
     }

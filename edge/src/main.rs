@@ -1,0 +1,124 @@
+//! `edgible-edge`: parse the configuration, set up logging, bind the ports, serve until
+//! SIGTERM or SIGINT, then drain.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use edgible_edge::acme_http::ChallengeStore;
+use edgible_edge::config::{Command, Config, LogFormat, RunConfig};
+use edgible_edge::route_file;
+use edgible_edge::route_source::SharedRoutes;
+use edgible_edge::server::{BoundAddresses, Edge};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    if rustls::crypto::ring::default_provider().install_default().is_err() {
+        eprintln!("edgible-edge: a rustls crypto provider was already installed");
+        return ExitCode::FAILURE;
+    }
+    let config = Config::parse();
+    init_tracing(config.log_format);
+    raise_open_files_limit();
+    let result = match config.command {
+        Command::Run(run_config) => run(run_config).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // Printed rather than logged, so that it shows whatever RUST_LOG filters out.
+            eprintln!("edgible-edge: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let routes = SharedRoutes::default();
+    if let Some(path) = &config.routes {
+        let changes = route_file::reload(path, &routes)?;
+        tracing::info!(routes = changes.len(), file = %path.display(), "loaded the routes file");
+    }
+    // Signals are registered before binding, so that a SIGHUP or SIGTERM sent as soon as the
+    // ready file appears is never missed.
+    let shutdown = shutdown_signal().context("listening for SIGTERM")?;
+    let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+
+    let edge = Edge::bind(config.edge_config(), routes.clone(), ChallengeStore::new()).await?;
+    if let Some(ready_file) = &config.ready_file {
+        write_ready_file(ready_file, edge.addresses())?;
+    }
+    if let Some(path) = config.routes.clone() {
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                reload_routes(&path, &routes);
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP ignored: the edge runs without --routes");
+            }
+        });
+    }
+    edge.run(shutdown).await;
+    Ok(())
+}
+
+fn reload_routes(path: &Path, routes: &SharedRoutes) {
+    match route_file::reload(path, routes) {
+        Ok(changes) => tracing::info!(changes = changes.len(), file = %path.display(), "reloaded the routes file"),
+        Err(error) => tracing::error!(%error, "the routes file was not reloaded; keeping the current routes"),
+    }
+}
+
+/// Writes the bound addresses under another name first and renames it, so that a reader never
+/// sees a half-written file.
+fn write_ready_file(path: &Path, addresses: BoundAddresses) -> anyhow::Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, serde_json::to_vec(&addresses)?)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Raises the soft limit of open files to the hard limit: every spliced connection holds two
+/// sockets, and the usual soft limit of 1024 would cap the edge far below its connection cap.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open files limit"),
+            Err(error) => tracing::warn!(%error, soft, hard, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open files limit"),
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colors only for a terminal: log files and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A future that completes on the first SIGTERM or SIGINT. The handlers are installed when
+/// this is called, not when the future is first polled.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
