@@ -22,11 +22,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
+use futures::Stream;
+
 use crate::model::{
-    ApiKey, ApiKeyCreated, ApiKeyId, ApiKeySpec, Application, ApplicationId, ApplicationSpec, Device, DeviceCreated,
-    DeviceId, DevicePool, DevicePoolId, DevicePoolSpec, DeviceSpec, ErrorBody, Member, MemberId, MemberSpec,
-    Organization, OrganizationCreated, OrganizationId, OrganizationSpec, Page, Placement, PlacementId, PlacementSpec,
-    Revision,
+    ApiKey, ApiKeyCreated, ApiKeyId, ApiKeySpec, Application, ApplicationId, ApplicationLogs, ApplicationSpec,
+    ApplicationStatus, Device, DeviceCreated, DeviceId, DevicePool, DevicePoolId, DevicePoolSpec, DeviceSpec,
+    Enrollment, EnrollmentRequest, ErrorBody, Event, LogEntry, Member, MemberId, MemberSpec, Organization,
+    OrganizationCreated, OrganizationId, OrganizationSpec, Page, Placement, PlacementId, PlacementSpec, Revision,
 };
 
 /// What went wrong talking to the server, and whether the server said so.
@@ -163,6 +165,20 @@ pub struct ListOptions {
     pub name: Option<String>,
 }
 
+/// Which events to list: the newest first, optionally of one application or device.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub application_id: Option<ApplicationId>,
+    pub device_id: Option<DeviceId>,
+    /// Page size (1-1000); the server's default (100) when absent.
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page, to go further back in time.
+    pub cursor: Option<String>,
+}
+
+/// How long one `follow_logs` request may stay open; following longer means calling again.
+const FOLLOW_LIMIT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Who the client is, as the server sees its key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -282,6 +298,98 @@ impl Client {
         check_status(response).await.map(drop)
     }
 
+    /// Exchanges a device's one-time enrollment token for its long-lived credential, recording
+    /// the device's WireGuard public key. Needs no API key: the token is the authority. A used
+    /// token answers 401, an expired one 410.
+    pub async fn enroll(endpoint: &str, request: &EnrollmentRequest) -> Result<Enrollment, ClientError> {
+        let client = Client::new(endpoint, "")?;
+        let url = client.url("v1/agent/enroll")?;
+        let response = client
+            .http
+            .post(url.clone())
+            .json(request)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
+        decode(check_status(response).await?, &url).await
+    }
+
+    /// What the application's device last reported about it.
+    pub async fn application_status(&self, id: &ApplicationId) -> Result<ApplicationStatus, ClientError> {
+        self.send(Method::GET, &format!("v1/applications/{id}/status"), &[], None::<&()>, None).await
+    }
+
+    /// The application's most recent output lines (at most `limit`, 1-1000), oldest first.
+    pub async fn logs(&self, id: &ApplicationId, limit: Option<u32>) -> Result<ApplicationLogs, ClientError> {
+        let query: Vec<(&str, String)> = limit.map(|limit| ("limit", limit.to_string())).into_iter().collect();
+        self.send(Method::GET, &format!("v1/applications/{id}/logs"), &query, None::<&()>, None).await
+    }
+
+    /// The application's last `tail` lines and then every new line as it arrives, until the
+    /// stream is dropped (or after a day; call again to go on).
+    pub async fn follow_logs(
+        &self,
+        id: &ApplicationId,
+        tail: Option<u32>,
+    ) -> Result<impl Stream<Item = Result<LogEntry, ClientError>> + Send + use<>, ClientError> {
+        let url = self.url(&format!("v1/applications/{id}/logs"))?;
+        let mut query = vec![("follow", "true".to_owned())];
+        if let Some(tail) = tail {
+            query.push(("limit", tail.to_string()));
+        }
+        let response = self
+            .http
+            .get(url.clone())
+            .bearer_auth(&self.api_key)
+            .query(&query)
+            .timeout(FOLLOW_LIMIT)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
+        let response = check_status(response).await?;
+        let state = (response, Vec::<u8>::new(), url.to_string());
+        Ok(futures::stream::unfold(Some(state), |state| async move {
+            let (mut response, mut buffer, url) = state?;
+            loop {
+                // Answer a complete line from the buffer first; the server sends one JSON object
+                // per line and empty lines as keep-alives.
+                if let Some(end) = buffer.iter().position(|byte| *byte == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=end).collect();
+                    let line = &line[..line.len() - 1];
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    let entry = serde_json::from_slice::<LogEntry>(line)
+                        .map_err(|e| ClientError::Decode { url: url.clone(), message: e.to_string() });
+                    return Some((entry, Some((response, buffer, url))));
+                }
+                match response.chunk().await {
+                    Ok(Some(chunk)) => buffer.extend_from_slice(&chunk),
+                    Ok(None) => return None,
+                    Err(source) => return Some((Err(ClientError::Transport { url, source }), None)),
+                }
+            }
+        }))
+    }
+
+    /// Lifecycle events, newest first.
+    pub async fn events(&self, query: &EventQuery) -> Result<Page<Event>, ClientError> {
+        let mut pairs = Vec::new();
+        if let Some(application_id) = query.application_id {
+            pairs.push(("application_id", application_id.to_string()));
+        }
+        if let Some(device_id) = query.device_id {
+            pairs.push(("device_id", device_id.to_string()));
+        }
+        if let Some(limit) = query.limit {
+            pairs.push(("limit", limit.to_string()));
+        }
+        if let Some(cursor) = &query.cursor {
+            pairs.push(("cursor", cursor.clone()));
+        }
+        self.send(Method::GET, "v1/events", &pairs, None::<&()>, None).await
+    }
+
     fn url(&self, path: &str) -> Result<Url, ClientError> {
         self.base
             .join(path)
@@ -306,10 +414,14 @@ impl Client {
         }
         let response =
             request.send().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
-        let response = check_status(response).await?;
-        let bytes = response.bytes().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url: url.to_string(), message: e.to_string() })
+        decode(check_status(response).await?, &url).await
     }
+}
+
+/// Reads a 2xx answer's JSON body.
+async fn decode<T: DeserializeOwned>(response: reqwest::Response, url: &Url) -> Result<T, ClientError> {
+    let bytes = response.bytes().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url: url.to_string(), message: e.to_string() })
 }
 
 /// Passes 2xx answers through and turns the others into [`ClientError::Api`].

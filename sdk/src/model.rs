@@ -16,7 +16,9 @@ use std::net::Ipv4Addr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use ids::{ApiKeyId, ApplicationId, DeviceId, DevicePoolId, MemberId, OrganizationId, PlacementId, UserId};
+pub use ids::{
+    ApiKeyId, ApplicationId, DeviceId, DevicePoolId, EventId, MemberId, OrganizationId, PlacementId, UserId,
+};
 pub use validation::{
     AbsolutePath, EnvName, Hostname, HttpPath, LabelKey, Name, Region, TunnelCidr, ValidationError, check_text,
 };
@@ -797,6 +799,134 @@ pub struct Placement {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Agents: enrollment, and what they report about applications
+
+/// The body of `POST /v1/agent/enroll`: a device's one-time enrollment token and the
+/// WireGuard public key the agent generated (the private key never leaves the device).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentRequest {
+    pub token: String,
+    /// Standard base64 of the 32-byte WireGuard public key.
+    pub public_key: String,
+}
+
+impl Validate for EnrollmentRequest {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.token.is_empty() || self.token.len() > 256 {
+            return Err(ValidationError::at("token", "must be the enrollment token of a device"));
+        }
+        check_wireguard_key(&self.public_key).map_err(|e| e.within("public_key"))
+    }
+}
+
+/// Checks that `key` is a WireGuard key: the canonical standard base64 of 32 bytes, which is
+/// 43 characters of the alphabet and one `=`, the last character carrying no stray bits.
+pub fn check_wireguard_key(key: &str) -> Result<(), ValidationError> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let invalid = || ValidationError::new("must be a WireGuard key: the base64 of 32 bytes (44 characters)");
+    let bytes = key.as_bytes();
+    if bytes.len() != 44 || bytes[43] != b'=' {
+        return Err(invalid());
+    }
+    let mut last = 0;
+    for byte in &bytes[..43] {
+        last = ALPHABET.iter().position(|candidate| candidate == byte).ok_or_else(invalid)?;
+    }
+    // 43 characters hold 258 bits; the last two belong to no byte and must be zero.
+    if last & 0b11 != 0 {
+        return Err(invalid());
+    }
+    Ok(())
+}
+
+/// The answer to enrolling: the device and its long-lived credential, shown only here. The
+/// agent authenticates its WebSocket with `Authorization: Bearer <credential>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Enrollment {
+    pub device: Device,
+    pub credential: String,
+}
+
+/// Where an application is in its life on its device, as its agent last reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ApplicationPhase {
+    /// Not reported yet, or waiting to start.
+    Pending,
+    Starting,
+    Running,
+    Unhealthy,
+    Stopped,
+    Failed,
+}
+
+/// The status of an application: `GET /v1/applications/{id}/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ApplicationStatus {
+    pub application_id: ApplicationId,
+    /// The application's current revision; `revision` below catches up with it once the
+    /// device runs this version.
+    pub application_revision: Revision,
+    /// The device the application is placed on, if any.
+    pub device_id: Option<DeviceId>,
+    pub phase: ApplicationPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The application revision the device reported this status for; absent until it did.
+    pub revision: Option<Revision>,
+    pub reported_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+/// One output line of an application's workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct LogEntry {
+    /// When the agent read the line.
+    pub at: DateTime<Utc>,
+    pub device_id: DeviceId,
+    pub stream: LogStream,
+    pub line: String,
+}
+
+/// Recent output of an application: `GET /v1/applications/{id}/logs`, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ApplicationLogs {
+    pub application_id: ApplicationId,
+    pub lines: Vec<LogEntry>,
+    /// Lines lost before they reached the server (dropped by a full buffer on the device or
+    /// pushed out of the server's window).
+    pub dropped: u64,
+}
+
+/// A lifecycle event an agent reported: `GET /v1/events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Event {
+    pub id: EventId,
+    pub organization_id: OrganizationId,
+    pub device_id: DeviceId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application_id: Option<ApplicationId>,
+    /// When it happened, by the device's clock.
+    pub at: DateTime<Utc>,
+    pub message: String,
+}
+
+// ---------------------------------------------------------------------------------------------
 // Envelopes shared by every endpoint
 
 /// One page of a listing, in creation order. Pass `next_cursor` as `cursor` to get the next;
@@ -983,6 +1113,19 @@ mod tests {
         assert!(Scope::Write.grants(Scope::Read));
         assert!(!Scope::Read.grants(Scope::Write));
         assert!(!Scope::Admin.grants(Scope::Platform));
+    }
+
+    #[test]
+    fn wireguard_keys_are_44_characters_of_canonical_base64() {
+        assert!(check_wireguard_key("YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY=").is_ok());
+        assert!(check_wireguard_key(&format!("{}=", "A".repeat(43))).is_ok());
+        assert!(check_wireguard_key("YWJj").is_err());
+        assert!(check_wireguard_key(&format!("{}=", "B".repeat(43))).is_err(), "stray low bits");
+        assert!(check_wireguard_key(&format!("{}=", "-".repeat(43))).is_err(), "URL-safe alphabet");
+        assert!(check_wireguard_key(&"A".repeat(44)).is_err());
+        let body = json!({"token": "edgenr_x", "public_key": "nope"});
+        let error = parse_json::<EnrollmentRequest>(body.to_string().as_bytes()).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("public_key"));
     }
 
     #[test]

@@ -19,6 +19,21 @@ pub const VERSION: u32 = 1;
 /// state must fit.
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 
+/// WebSocket close codes the server uses when it ends a session, so that an agent can tell
+/// "reconnect" from "fix yourself first" without parsing the reason text.
+pub mod close {
+    /// The peer broke the protocol (a bad or missing `hello`, an unsupported version).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// The credential does not match what the peer claims to be.
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// The server failed; reconnect later.
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// Another session of the same device connected and replaced this one.
+    pub const REPLACED: u16 = 4000;
+    /// The peer did not answer pings in time.
+    pub const TIMEOUT: u16 = 4001;
+}
+
 /// Why a frame could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -32,6 +47,18 @@ pub enum DecodeError {
     UnknownType(String),
     #[error("malformed frame: {0}")]
     Malformed(String),
+}
+
+impl DecodeError {
+    /// A short, fixed name of the kind of failure, for metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::UnsupportedVersion { .. } | DecodeError::MissingVersion => "unsupported_version",
+            DecodeError::UnknownType(_) => "unknown_type",
+            DecodeError::Malformed(_) => "malformed",
+        }
+    }
 }
 
 /// Reads one frame into a message of the expected direction (`v1::AgentMessage` on the

@@ -2,6 +2,7 @@
 //! and the pieces they share (paging, ETags). Handlers check the caller's scope, parse with
 //! the sdk's model types and leave every rule that needs the database to [`crate::db`].
 
+mod agents;
 mod api_keys;
 mod applications;
 mod device_pools;
@@ -11,13 +12,14 @@ pub mod extract;
 mod members;
 mod organizations;
 mod placements;
+mod reports;
 mod system;
 
 use axum::Json;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Router, middleware};
 use edgible::model::Revision;
 use serde::{Deserialize, Serialize};
@@ -60,6 +62,11 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/applications/{id}", get(applications::get).put(applications::update).delete(applications::delete))
         .route("/v1/placements", get(placements::list).post(placements::create))
         .route("/v1/placements/{id}", get(placements::get).put(placements::update).delete(placements::delete))
+        .route("/v1/applications/{id}/status", get(reports::status))
+        .route("/v1/applications/{id}/logs", get(reports::logs))
+        .route("/v1/events", get(reports::events))
+        .route("/v1/agent/enroll", post(agents::enroll))
+        .route("/v1/agent/connect", get(agents::connect))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::record))
@@ -134,6 +141,8 @@ fn tagged<T: Serialize>(status: StatusCode, revision: Revision, value: T) -> Res
         devices::list, devices::create, devices::get, devices::update, devices::delete,
         applications::list, applications::create, applications::get, applications::update, applications::delete,
         placements::list, placements::create, placements::get, placements::update, placements::delete,
+        reports::status, reports::logs, reports::events,
+        agents::enroll, agents::connect,
     ),
     components(schemas(edgible::model::ErrorBody, edgible::model::ErrorDetail)),
     modifiers(&BearerAuth),
@@ -147,6 +156,8 @@ fn tagged<T: Serialize>(status: StatusCode, revision: Revision, value: T) -> Res
         (name = "devices", description = "Machines that run applications"),
         (name = "applications", description = "Workloads and how they are exposed"),
         (name = "placements", description = "Where each application runs"),
+        (name = "events", description = "Lifecycle events agents reported"),
+        (name = "agents", description = "Enrollment and the push session of device agents"),
     )
 )]
 pub struct ApiDoc;

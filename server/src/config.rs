@@ -70,11 +70,28 @@ pub struct ServeConfig {
     /// Seconds to let open requests finish after SIGTERM or SIGINT before exiting anyway.
     #[arg(long, default_value_t = 10)]
     pub drain_seconds: u64,
+
+    /// Seconds between the pings the server sends each connected agent.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub agent_ping_seconds: u64,
+
+    /// Seconds an agent may take to answer a ping before its session is closed.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub agent_pong_timeout_seconds: u64,
 }
 
 impl ServeConfig {
     pub fn drain_deadline(&self) -> Duration {
         Duration::from_secs(self.drain_seconds)
+    }
+
+    /// The timing of agent sessions.
+    pub fn session_config(&self) -> crate::hub::agent::SessionConfig {
+        crate::hub::agent::SessionConfig {
+            ping_interval: Duration::from_secs(self.agent_ping_seconds),
+            pong_timeout: Duration::from_secs(self.agent_pong_timeout_seconds),
+            ..crate::hub::agent::SessionConfig::default()
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //! hostnames, free tunnel addresses, the last owner) therefore see a stable database, and
 //! unique indexes stay behind them as a safety net.
 
+mod agents;
 mod api_keys;
 mod applications;
 mod device_pools;
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use edgible::model::{Page, Revision};
+use edgible::model::{DeviceId, Page, Revision};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbErr,
@@ -33,6 +34,8 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
+
+pub use self::agents::{EVENTS_KEPT, EnrollError, EventQuery, StatusReport};
 
 /// Why a database operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +98,10 @@ pub struct PageRequest {
     pub name: Option<String>,
 }
 
+/// Called after a write committed, with the devices whose desired state (the applications
+/// placed on them) it changed, or which it deleted.
+pub type DesiredListener = Arc<dyn Fn(&[DeviceId]) + Send + Sync>;
+
 /// The database handle shared by all requests. Cheap to clone.
 #[derive(Clone)]
 pub struct Db {
@@ -102,6 +109,12 @@ pub struct Db {
     /// Held for the whole of every write transaction on SQLite; `None` on PostgreSQL, where
     /// the revision counter's row lock does the same across processes.
     write_lock: Option<Arc<Mutex<()>>>,
+    /// Who hears about changed desired state; shared by every clone of this handle.
+    ///
+    /// This is an in-process fan-out, enough for one server replica. With several replicas on
+    /// PostgreSQL, `Write::finish` would also `NOTIFY` the device ids inside the transaction
+    /// and each replica would `LISTEN` and call its own listener.
+    listener: Arc<std::sync::RwLock<Option<DesiredListener>>>,
 }
 
 impl std::fmt::Debug for Db {
@@ -140,7 +153,26 @@ impl Db {
         let conn = Database::connect(options).await.map_err(|e| StoreError::Connect(e.to_string()))?;
         migration::Migrator::up(&conn, None).await.map_err(|e| StoreError::Connect(format!("migrating: {e}")))?;
         let write_lock = sqlite.then(|| Arc::new(Mutex::new(())));
-        Ok(Db { conn, write_lock })
+        Ok(Db { conn, write_lock, listener: Arc::default() })
+    }
+
+    /// Sets who is told, after each commit, which devices' desired state changed.
+    pub fn set_desired_listener(&self, listener: DesiredListener) {
+        // A poisoned lock only means a panic elsewhere while swapping listeners.
+        *self.listener.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(listener);
+    }
+
+    fn listener(&self) -> Option<DesiredListener> {
+        self.listener.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Takes the SQLite writer lock (nothing on PostgreSQL) for a write that does not stamp
+    /// objects: status the platform records, such as what an agent reported.
+    async fn status_write_lock(&self) -> Option<OwnedMutexGuard<()>> {
+        match &self.write_lock {
+            Some(lock) => Some(Arc::clone(lock).lock_owned().await),
+            None => None,
+        }
     }
 
     /// Whether the database answers.
@@ -184,7 +216,14 @@ impl Db {
             .one(&txn)
             .await?
             .ok_or_else(|| StoreError::Corrupt("the revision counter row is missing".into()))?;
-        Ok(Write { txn, revision: revision(row.value)?, now: now(), _guard: guard })
+        Ok(Write {
+            txn,
+            revision: revision(row.value)?,
+            now: now(),
+            touched: std::sync::Mutex::default(),
+            listener: self.listener(),
+            _guard: guard,
+        })
     }
 }
 
@@ -194,15 +233,25 @@ struct Write {
     txn: DatabaseTransaction,
     revision: Revision,
     now: DateTime<Utc>,
+    /// Devices whose desired state this write changed, told to the listener after commit.
+    touched: std::sync::Mutex<Vec<DeviceId>>,
+    listener: Option<DesiredListener>,
     _guard: Option<OwnedMutexGuard<()>>,
 }
 
 impl Write {
     /// Commits if `result` is a success and rolls back otherwise, then hands `result` on.
-    async fn finish<T>(self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    async fn finish<T, E: From<StoreError>>(self, result: Result<T, E>) -> Result<T, E> {
         match result {
             Ok(value) => {
-                self.txn.commit().await?;
+                self.txn.commit().await.map_err(|error| E::from(error.into()))?;
+                let touched =
+                    std::mem::take(&mut *self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                if let Some(listener) = &self.listener
+                    && !touched.is_empty()
+                {
+                    listener(&touched);
+                }
                 Ok(value)
             }
             Err(error) => {
@@ -210,6 +259,35 @@ impl Write {
                     tracing::warn!(error = %rollback, "rolling back a failed write");
                 }
                 Err(error)
+            }
+        }
+    }
+
+    /// Records that this write changes what `devices` should run: their desired revision
+    /// becomes this write's revision (in this transaction), and their sessions are woken
+    /// after commit.
+    async fn change_desired(&self, devices: &[DeviceId]) -> Result<(), StoreError> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        entities::device::Entity::update_many()
+            .col_expr(
+                entities::device::Column::DesiredRevision,
+                sea_orm::sea_query::Expr::value(self.revision_column()),
+            )
+            .filter(entities::device::Column::Id.is_in(devices.iter().map(|device| device.0)))
+            .exec(&self.txn)
+            .await?;
+        self.touch(devices);
+        Ok(())
+    }
+
+    /// Records that `devices` must hear about this write after commit (they were deleted).
+    fn touch(&self, devices: &[DeviceId]) {
+        let mut touched = self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for device in devices {
+            if !touched.contains(device) {
+                touched.push(*device);
             }
         }
     }

@@ -15,6 +15,7 @@ async fn main() -> ExitCode {
     }
     let config = Config::parse();
     init_tracing(config.log_format);
+    raise_open_files_limit();
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -35,6 +36,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
             println!("{}", created.admin_key.secret);
             Ok(())
         }
+    }
+}
+
+/// Raises the soft limit of open files to the hard limit: every connected agent holds a
+/// socket, and the usual soft limit of 1024 would cap the server far below what it can serve.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open files limit"),
+            Err(error) => tracing::warn!(%error, soft, hard, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open files limit"),
     }
 }
 

@@ -40,6 +40,19 @@ struct Series {
 #[derive(Debug, Default)]
 pub struct Metrics {
     series: Mutex<Series>,
+    hub: Mutex<HubSeries>,
+}
+
+/// Counters of the WebSocket hub, by fixed reason labels.
+#[derive(Debug, Default)]
+struct HubSeries {
+    sessions_started: u64,
+    /// reason → sessions that ended for it.
+    sessions_ended: BTreeMap<&'static str, u64>,
+    frames_received: u64,
+    /// reason → frames answered with an error frame.
+    frames_rejected: BTreeMap<&'static str, u64>,
+    updates_sent: u64,
 }
 
 impl Metrics {
@@ -54,6 +67,60 @@ impl Metrics {
         }
         histogram.count += 1;
         histogram.sum_seconds += seconds;
+    }
+
+    fn hub(&self) -> std::sync::MutexGuard<'_, HubSeries> {
+        self.hub.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn session_started(&self) {
+        self.hub().sessions_started += 1;
+    }
+
+    pub fn session_ended(&self, reason: &'static str) {
+        *self.hub().sessions_ended.entry(reason).or_default() += 1;
+    }
+
+    pub fn frame_received(&self) {
+        self.hub().frames_received += 1;
+    }
+
+    /// A frame that was answered with an error frame, by a fixed reason.
+    pub fn frame_rejected(&self, reason: &'static str) {
+        *self.hub().frames_rejected.entry(reason).or_default() += 1;
+    }
+
+    pub fn update_sent(&self) {
+        self.hub().updates_sent += 1;
+    }
+
+    /// The hub's metrics as Prometheus text, with the number of connected agents.
+    pub fn render_hub(&self, connected_agents: usize) -> String {
+        let hub = self.hub();
+        let mut out = String::new();
+        out.push_str("# HELP edgible_hub_connected_agents Agents with an open session.\n");
+        out.push_str("# TYPE edgible_hub_connected_agents gauge\n");
+        let _ = writeln!(out, "edgible_hub_connected_agents {connected_agents}");
+        out.push_str("# HELP edgible_hub_sessions_started_total Agent sessions that passed hello.\n");
+        out.push_str("# TYPE edgible_hub_sessions_started_total counter\n");
+        let _ = writeln!(out, "edgible_hub_sessions_started_total {}", hub.sessions_started);
+        out.push_str("# HELP edgible_hub_sessions_ended_total Agent sessions that ended, by reason.\n");
+        out.push_str("# TYPE edgible_hub_sessions_ended_total counter\n");
+        for (reason, count) in &hub.sessions_ended {
+            let _ = writeln!(out, "edgible_hub_sessions_ended_total{{reason=\"{reason}\"}} {count}");
+        }
+        out.push_str("# HELP edgible_hub_frames_received_total Text frames received from agents.\n");
+        out.push_str("# TYPE edgible_hub_frames_received_total counter\n");
+        let _ = writeln!(out, "edgible_hub_frames_received_total {}", hub.frames_received);
+        out.push_str("# HELP edgible_hub_frames_rejected_total Frames answered with an error frame, by reason.\n");
+        out.push_str("# TYPE edgible_hub_frames_rejected_total counter\n");
+        for (reason, count) in &hub.frames_rejected {
+            let _ = writeln!(out, "edgible_hub_frames_rejected_total{{reason=\"{reason}\"}} {count}");
+        }
+        out.push_str("# HELP edgible_hub_updates_sent_total Desired-state updates sent to agents.\n");
+        out.push_str("# TYPE edgible_hub_updates_sent_total counter\n");
+        let _ = writeln!(out, "edgible_hub_updates_sent_total {}", hub.updates_sent);
+        out
     }
 
     /// The metrics as Prometheus text, with the given object counts as gauges.
@@ -134,6 +201,18 @@ mod tests {
         assert!(text.contains("_bucket{method=\"GET\",route=\"/v1/devices/{id}\",le=\"0.005\"} 2"));
         assert!(text.contains("_bucket{method=\"GET\",route=\"/v1/devices/{id}\",le=\"+Inf\"} 3"));
         assert!(text.contains("edgible_objects{kind=\"devices\"} 2"));
+    }
+
+    #[test]
+    fn hub_counters_render_by_reason() {
+        let metrics = Metrics::default();
+        metrics.frame_rejected("malformed");
+        metrics.frame_rejected("malformed");
+        metrics.session_ended("replaced");
+        let text = metrics.render_hub(3);
+        assert!(text.contains("edgible_hub_connected_agents 3"));
+        assert!(text.contains("edgible_hub_frames_rejected_total{reason=\"malformed\"} 2"));
+        assert!(text.contains("edgible_hub_sessions_ended_total{reason=\"replaced\"} 1"));
     }
 
     #[test]

@@ -12,6 +12,8 @@ use sha2::{Digest, Sha256};
 pub const API_KEY_PREFIX: &str = "edg_";
 /// How device enrollment tokens start.
 pub const ENROLLMENT_TOKEN_PREFIX: &str = "edgenr_";
+/// How device credentials start.
+pub const DEVICE_CREDENTIAL_PREFIX: &str = "edgdev_";
 /// How many characters of a key's secret are kept in clear to tell keys apart.
 const VISIBLE_PREFIX_CHARS: usize = 12;
 
@@ -41,6 +43,11 @@ impl NewSecret {
     /// A new device enrollment token.
     pub fn enrollment_token() -> Self {
         Self::generate(ENROLLMENT_TOKEN_PREFIX)
+    }
+
+    /// A new device credential, issued at enrollment.
+    pub fn device_credential() -> Self {
+        Self::generate(DEVICE_CREDENTIAL_PREFIX)
     }
 
     fn generate(kind: &str) -> Self {

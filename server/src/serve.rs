@@ -42,6 +42,12 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     if let (Some(organization), Some(key_file)) = (&config.bootstrap, &config.bootstrap_key_file) {
         bootstrap_if_empty(&db, organization, key_file).await?;
     }
+    // Only one replica serves sessions, and none is open yet: whoever looks online is a
+    // leftover of a previous run.
+    let stale = db.mark_all_offline().await?;
+    if stale > 0 {
+        tracing::info!(devices = stale, "marked devices of a previous run offline");
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Listen { address: config.listen, source })?;
@@ -53,7 +59,8 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     tracing::info!(%url, "listening");
 
     let (stop, stopped) = watch::channel(false);
-    let server = axum::serve(listener, router(AppState::new(db))).with_graceful_shutdown(async move {
+    let state = AppState::with_session_config(db, config.session_config());
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         let mut stopped = stopped;
         // An error means the sender is gone, which only happens once we are stopping anyway.
         let _ = stopped.wait_for(|stop| *stop).await;

@@ -1,5 +1,12 @@
 //! Version 1 of the push protocol. Frozen once shipped: change it only by adding optional
 //! fields; anything else is a new version.
+//!
+//! A session goes: the agent sends `hello`; the server answers `welcome` and a full
+//! `application_update` snapshot; then the server pushes `application_update` deltas whenever
+//! what the device should run changes, and pings; the agent acknowledges each revision it
+//! applied with `ack`, answers pings with `pong`, and reports `status`, `event` and `logs`.
+//! Either side answers a frame it cannot handle with an `error` frame; the server closes the
+//! socket after an error only when the session cannot go on (a bad `hello`).
 
 use std::net::Ipv4Addr;
 
@@ -14,8 +21,9 @@ use crate::model::{Application, ApplicationId, DeviceId, Revision};
 pub enum AgentMessage {
     /// The first frame of a session.
     Hello {
+        /// The device the credential belongs to; the server refuses a mismatch.
         device_id: DeviceId,
-        /// The device's WireGuard public key (base64).
+        /// The device's WireGuard public key (base64), as enrolled.
         public_key: String,
         /// The revision of desired state last applied, if any.
         applied_revision: Option<Revision>,
@@ -24,26 +32,23 @@ pub enum AgentMessage {
         capabilities: Vec<String>,
         agent_version: String,
     },
-    /// The agent applied desired state at this revision.
-    Ack {
-        revision: Revision,
-    },
-    /// Per-application status.
-    Status {
-        applications: Vec<ApplicationStatus>,
-    },
-    Event {
-        application_id: Option<ApplicationId>,
-        at: DateTime<Utc>,
-        message: String,
-    },
+    /// The agent applied desired state at this revision. Acks of revisions older than one
+    /// already acknowledged are ignored.
+    Ack { revision: Revision },
+    /// Per-application status, for applications placed on this device.
+    Status { applications: Vec<ApplicationStatus> },
+    /// A lifecycle event (started, exited, restarted, adopted, stopped, ...).
+    Event { application_id: Option<ApplicationId>, at: DateTime<Utc>, message: String },
+    /// Recent output lines of one application, oldest first.
     Logs {
         application_id: ApplicationId,
         lines: Vec<LogLine>,
+        /// Lines the agent dropped (its buffer was full) since its previous `logs` frame.
+        #[serde(default)]
+        dropped: u64,
     },
-    Pong {
-        nonce: u64,
-    },
+    /// The answer to a `ping`, with its nonce.
+    Pong { nonce: u64 },
 }
 
 /// What the server sends an agent.
@@ -54,9 +59,13 @@ pub enum ServerMessage {
         device_id: DeviceId,
         tunnel_address: Ipv4Addr,
         server_version: String,
+        /// How often the server pings. An agent that hears nothing from the server for a few
+        /// of these periods may consider the connection dead and reconnect.
+        #[serde(default)]
+        ping_interval_seconds: Option<u64>,
     },
     /// Desired state. `full` snapshots replace everything the agent has; deltas upsert
-    /// `applications` and remove `removed`.
+    /// `applications` and remove `removed`. Revisions only grow within and across sessions.
     ApplicationUpdate {
         revision: Revision,
         full: bool,
@@ -64,13 +73,41 @@ pub enum ServerMessage {
         #[serde(default)]
         removed: Vec<ApplicationId>,
     },
-    Ping {
-        nonce: u64,
-    },
-    /// The server could not handle a frame the agent sent.
+    /// Answer with a `pong` carrying the same nonce, or the server closes the session.
+    Ping { nonce: u64 },
+    /// The server could not handle a frame the agent sent, or is ending the session.
     Error {
+        #[serde(default)]
+        code: ErrorCode,
         message: String,
     },
+}
+
+/// Why an `error` frame was sent, for programs; the message is for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not JSON, not an object, or a message with wrong fields.
+    Malformed,
+    /// The frame's `type` is not a message of this protocol version.
+    UnknownType,
+    /// The frame is larger than [`crate::protocol::MAX_FRAME_BYTES`].
+    TooLarge,
+    /// The frame's `v` is missing or not a version this side speaks.
+    UnsupportedVersion,
+    /// A well-formed message that is not acceptable now (a second `hello`, an `ack` of a
+    /// revision never sent, a `hello` naming another device).
+    Unexpected,
+    /// Another session of the same device connected; this one is closed.
+    Replaced,
+    /// The peer did not answer pings in time; the session is closed.
+    Timeout,
+    /// The server failed; the agent should reconnect later.
+    Internal,
+    /// A code this build does not know (sent by a newer peer).
+    #[default]
+    #[serde(other)]
+    Other,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +124,7 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApplicationStatus {
     pub application_id: ApplicationId,
+    /// The revision of the application (its `revision`) this status describes.
     pub revision: Revision,
     pub phase: Phase,
     #[serde(default)]
@@ -118,6 +156,39 @@ mod tests {
         let frame = encode(&message);
         assert_eq!(frame, r#"{"v":1,"type":"ack","revision":42}"#);
         assert_eq!(decode::<AgentMessage>(&frame).unwrap(), message);
+
+        let error = ServerMessage::Error { code: ErrorCode::TooLarge, message: "too big".into() };
+        let frame = encode(&error);
+        assert_eq!(frame, r#"{"v":1,"type":"error","code":"too_large","message":"too big"}"#);
+        assert_eq!(decode::<ServerMessage>(&frame).unwrap(), error);
+    }
+
+    #[test]
+    fn a_hello_decodes_with_defaults() {
+        let device_id = DeviceId::new();
+        let frame = format!(
+            r#"{{"v":1,"type":"hello","device_id":"{device_id}","public_key":"k","applied_revision":null,"agent_version":"0.1.0"}}"#
+        );
+        let AgentMessage::Hello { device_id: decoded, capabilities, applied_revision, .. } =
+            decode::<AgentMessage>(&frame).unwrap()
+        else {
+            panic!("not a hello");
+        };
+        assert_eq!(decoded, device_id);
+        assert!(capabilities.is_empty());
+        assert_eq!(applied_revision, None);
+    }
+
+    #[test]
+    fn newer_peers_fields_and_codes_are_tolerated() {
+        // Version 1 only ever grows optional fields, so unknown fields must be ignored.
+        let frame = r#"{"v":1,"type":"ping","nonce":7,"added_later":true}"#;
+        assert_eq!(decode::<ServerMessage>(frame).unwrap(), ServerMessage::Ping { nonce: 7 });
+        let frame = r#"{"v":1,"type":"error","code":"brand_new","message":"m"}"#;
+        assert_eq!(
+            decode::<ServerMessage>(frame).unwrap(),
+            ServerMessage::Error { code: ErrorCode::Other, message: "m".into() }
+        );
     }
 
     #[test]
@@ -132,9 +203,33 @@ mod tests {
             Err(DecodeError::UnknownType("launch_missiles".into()))
         );
         assert!(matches!(decode::<AgentMessage>(r#"{"v":1,"type":"ack"}"#), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode::<AgentMessage>(r#"{"v":1,"type":"ack","revision":-1}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<AgentMessage>(r#"{"v":"1","type":"ack","revision":1}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(decode::<AgentMessage>(r#"{"v":1,"type":7}"#), Err(DecodeError::Malformed(_))));
         assert!(matches!(decode::<AgentMessage>("[1,2]"), Err(DecodeError::Malformed(_))));
         assert!(matches!(decode::<AgentMessage>("\u{0}"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode::<AgentMessage>(""), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode::<AgentMessage>(&"[".repeat(100_000)), Err(DecodeError::Malformed(_))));
         let huge = format!(r#"{{"v":1,"type":"event","message":"{}"}}"#, "x".repeat(crate::protocol::MAX_FRAME_BYTES));
         assert!(matches!(decode::<AgentMessage>(&huge), Err(DecodeError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn every_prefix_of_a_valid_frame_fails_cleanly() {
+        let frame = encode(&AgentMessage::Logs {
+            application_id: ApplicationId::new(),
+            lines: vec![LogLine { at: Utc::now(), stream: Stream::Stderr, line: "é\"\\\n".into() }],
+            dropped: 3,
+        });
+        for end in (0..frame.len()).filter(|end| frame.is_char_boundary(*end)) {
+            assert!(decode::<AgentMessage>(&frame[..end]).is_err(), "prefix {end} decoded");
+        }
+        assert!(decode::<AgentMessage>(&frame).is_ok());
     }
 }

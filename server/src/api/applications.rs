@@ -84,5 +84,6 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     caller.require(Scope::Write)?;
     state.db.delete_application(caller.organization_id, id).await.map_err(|e| ApiError::from_store(e, KIND, &id))?;
+    state.agents.logs.forget(id);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -28,6 +28,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{message}")]
     Conflict { field: Option<String>, message: String },
+    /// The thing asked for existed but is no more (an expired enrollment token).
+    #[error("{0}")]
+    Gone(String),
     #[error("the object changed: it is at revision {current}, the request expected {expected}")]
     StaleRevision { expected: Revision, current: Revision },
     #[error("the request body is larger than {limit} bytes")]
@@ -65,6 +68,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Gone(_) => (StatusCode::GONE, "gone"),
             ApiError::StaleRevision { .. } => (StatusCode::CONFLICT, "stale_revision"),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),

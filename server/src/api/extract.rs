@@ -54,17 +54,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let header = parts.headers.get(header::AUTHORIZATION).ok_or_else(|| {
-            ApiError::Unauthorized("an API key is required: send `Authorization: Bearer <key>`".into())
-        })?;
-        let secret = header
-            .to_str()
-            .ok()
-            .and_then(|value| value.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, secret)| secret.trim())
-            .filter(|secret| !secret.is_empty())
-            .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer <key>`".into()))?;
+        let secret = bearer_secret(&parts.headers, "an API key")?;
         let api_key = state
             .db
             .api_key_by_secret_hash(&crate::secrets::sha256_hex(secret))
@@ -75,6 +65,24 @@ impl FromRequestParts<AppState> for Caller {
         }
         Ok(Caller { organization_id: api_key.organization_id, api_key })
     }
+}
+
+/// The secret of an `Authorization: Bearer <secret>` header; `what` names the expected
+/// secret in the 401 message (`an API key`, `a device credential`).
+pub fn bearer_secret<'a>(headers: &'a axum::http::HeaderMap, what: &str) -> Result<&'a str, ApiError> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::Unauthorized(format!("{what} is required: send `Authorization: Bearer <secret>`")))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, secret)| secret.trim())
+        .filter(|secret| !secret.is_empty())
+        .ok_or_else(|| {
+            ApiError::Unauthorized(format!("the Authorization header must be `Bearer <secret>` with {what}"))
+        })
 }
 
 /// A JSON request body parsed into a spec with [`edgible::model::parse_json`]: 415 unless it

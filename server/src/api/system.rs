@@ -55,6 +55,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             Vec::new()
         }
     };
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render(&objects))
-        .into_response()
+    let mut text = state.metrics.render(&objects);
+    text.push_str(&state.metrics.render_hub(state.agents.hub.len()));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

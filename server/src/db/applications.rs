@@ -6,10 +6,10 @@ use edgible::model::{Application, ApplicationId, ApplicationSpec, Hostname, Orga
 use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
 use uuid::Uuid;
 
-use super::entities::{application, application_hostname, placement};
+use super::entities::{application, application_hostname, application_status, event, placement};
 use super::{Db, PageRequest, StoreError, Write, check_revision, name_taken, page, parse_json, revision, to_json};
 
-fn to_model(row: application::Model) -> Result<Application, StoreError> {
+pub(super) fn to_model(row: application::Model) -> Result<Application, StoreError> {
     Ok(Application {
         id: ApplicationId(row.id),
         organization_id: OrganizationId(row.organization_id),
@@ -215,13 +215,16 @@ impl Db {
             if current.spec.hostnames != spec.hostnames {
                 store_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
             }
+            if let Some(device) = super::placements::placed_device(&write.txn, id).await? {
+                write.change_desired(&[device]).await?;
+            }
             to_model(updated)
         }
         .await;
         write.finish(result).await
     }
 
-    /// Deletes an application together with its placement and hostnames.
+    /// Deletes an application together with its placement, hostnames, status and events.
     pub async fn delete_application(
         &self,
         organization_id: OrganizationId,
@@ -234,7 +237,15 @@ impl Db {
                 .one(&write.txn)
                 .await?
                 .ok_or(StoreError::NotFound)?;
+            if let Some(device) = super::placements::placed_device(&write.txn, id).await? {
+                write.change_desired(&[device]).await?;
+            }
             placement::Entity::delete_many().filter(placement::Column::ApplicationId.eq(id.0)).exec(&write.txn).await?;
+            application_status::Entity::delete_many()
+                .filter(application_status::Column::ApplicationId.eq(id.0))
+                .exec(&write.txn)
+                .await?;
+            event::Entity::delete_many().filter(event::Column::ApplicationId.eq(id.0)).exec(&write.txn).await?;
             application_hostname::Entity::delete_many()
                 .filter(application_hostname::Column::ApplicationId.eq(id.0))
                 .exec(&write.txn)

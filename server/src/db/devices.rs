@@ -23,7 +23,7 @@ use super::{
 };
 use crate::secrets::NewSecret;
 
-fn to_model(row: device::Model) -> Result<Device, StoreError> {
+pub(super) fn to_model(row: device::Model) -> Result<Device, StoreError> {
     let labels: BTreeMap<LabelKey, String> = parse_json("device labels", &row.labels)?;
     let address = u32::try_from(row.tunnel_address)
         .map_err(|_| StoreError::Corrupt(format!("tunnel address {} is not an IPv4 address", row.tunnel_address)))?;
@@ -148,6 +148,10 @@ impl Db {
                 last_seen_at: Set(None),
                 enrollment_token_sha256: Set(Some(enrollment.sha256.clone())),
                 enrollment_expires_at: Set(Some(enrollment_expires_at)),
+                enrollment_used_at: Set(None),
+                credential_sha256: Set(None),
+                desired_revision: Set(write.revision_column()),
+                session_id: Set(None),
                 revision: Set(write.revision_column()),
                 created_at: Set(write.now),
                 updated_at: Set(write.now),
@@ -234,6 +238,8 @@ impl Db {
                 });
             }
             device::Entity::delete_by_id(id.0).exec(&write.txn).await?;
+            // Its agent, if connected, learns after commit that the device is gone.
+            write.touch(&[id]);
             Ok(())
         }
         .await;

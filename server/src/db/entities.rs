@@ -139,7 +139,8 @@ pub mod device_pool {
 }
 
 /// A device. The tunnel address is the IPv4 address as an integer, so that the lowest free
-/// one can be found in order; only the SHA-256 of the enrollment token is kept.
+/// one can be found in order; only the SHA-256 of the enrollment token and of the device
+/// credential are kept.
 pub mod device {
     use sea_orm::entity::prelude::*;
 
@@ -160,6 +161,15 @@ pub mod device {
         pub last_seen_at: Option<ChronoDateTimeUtc>,
         pub enrollment_token_sha256: Option<String>,
         pub enrollment_expires_at: Option<ChronoDateTimeUtc>,
+        /// When the enrollment token was exchanged; a used token is kept to say so.
+        pub enrollment_used_at: Option<ChronoDateTimeUtc>,
+        /// SHA-256 of the device credential issued at enrollment.
+        pub credential_sha256: Option<String>,
+        /// The revision of the last write that changed what the device should run.
+        pub desired_revision: i64,
+        /// The agent session that marked the device online, so that only that session marks
+        /// it offline again.
+        pub session_id: Option<Uuid>,
         pub revision: i64,
         pub created_at: ChronoDateTimeUtc,
         pub updated_at: ChronoDateTimeUtc,
@@ -233,6 +243,55 @@ pub mod placement {
         pub revision: i64,
         pub created_at: ChronoDateTimeUtc,
         pub updated_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The last status an agent reported for an application, one row per application. Only the
+/// device the application is placed on reports it; the row goes when the placement moves.
+pub mod application_status {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "application_statuses")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub application_id: Uuid,
+        pub organization_id: Uuid,
+        pub device_id: Uuid,
+        pub phase: String,
+        pub message: Option<String>,
+        /// The application revision the status describes.
+        pub revision: i64,
+        pub reported_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// A lifecycle event an agent reported. Ids are UUIDv7 taken on arrival, so id order is
+/// arrival order; each application (and each device, for events of no application) keeps
+/// only its most recent ones.
+pub mod event {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "events")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub organization_id: Uuid,
+        pub device_id: Uuid,
+        pub application_id: Option<Uuid>,
+        pub at: ChronoDateTimeUtc,
+        pub message: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -11,7 +11,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial)]
+        vec![Box::new(Initial), Box::new(Agents)]
     }
 }
 
@@ -240,6 +240,73 @@ impl MigrationTrait for Initial {
             .await?;
         manager.create_index(unique_index("ux_placements_application", "placements", &["application_id"])).await?;
         manager.create_index(index("ix_placements_device", "placements", &["device_id"])).await?;
+        Ok(())
+    }
+}
+
+/// Agents: enrollment state and credentials of devices, the per-device desired revision and
+/// session, reported application statuses and events.
+struct Agents;
+
+impl MigrationName for Agents {
+    fn name(&self) -> &str {
+        "m0002_agents"
+    }
+}
+
+// See `Initial` for why the lifetime is elided.
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for Agents {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // SQLite alters one column per statement.
+        let columns = [
+            ColumnDef::new(name("enrollment_used_at")).timestamp_with_time_zone().null().to_owned(),
+            optional_text("credential_sha256"),
+            ColumnDef::new(name("desired_revision")).big_integer().not_null().default(0).to_owned(),
+            ColumnDef::new(name("session_id")).uuid().null().to_owned(),
+        ];
+        for mut column in columns {
+            manager.alter_table(Table::alter().table(name("devices")).add_column(&mut column).to_owned()).await?;
+        }
+        manager.get_connection().execute_unprepared("UPDATE devices SET desired_revision = revision").await?;
+        manager.create_index(unique_index("ux_devices_credential", "devices", &["credential_sha256"])).await?;
+        manager.create_index(index("ix_devices_enrollment_token", "devices", &["enrollment_token_sha256"])).await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("application_statuses"))
+                    .col(ColumnDef::new(name("application_id")).uuid().not_null().primary_key())
+                    .col(ColumnDef::new(name("organization_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("device_id")).uuid().not_null())
+                    .col(text("phase"))
+                    .col(optional_text("message"))
+                    .col(ColumnDef::new(name("revision")).big_integer().not_null())
+                    .col(ColumnDef::new(name("reported_at")).timestamp_with_time_zone().not_null())
+                    .foreign_key(&mut foreign_key("application_statuses", "application_id", "applications"))
+                    .foreign_key(&mut foreign_key("application_statuses", "organization_id", "organizations"))
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("events"))
+                    .col(ColumnDef::new(name("id")).uuid().not_null().primary_key())
+                    .col(ColumnDef::new(name("organization_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("device_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("application_id")).uuid().null())
+                    .col(ColumnDef::new(name("at")).timestamp_with_time_zone().not_null())
+                    .col(text("message"))
+                    .foreign_key(&mut foreign_key("events", "organization_id", "organizations"))
+                    .to_owned(),
+            )
+            .await?;
+        manager.create_index(index("ix_events_organization", "events", &["organization_id", "id"])).await?;
+        manager.create_index(index("ix_events_application", "events", &["application_id", "id"])).await?;
+        manager.create_index(index("ix_events_device", "events", &["device_id", "id"])).await?;
         Ok(())
     }
 }

@@ -12,7 +12,8 @@ use sea_orm::{
 };
 
 use super::entities::{
-    api_key, application, application_hostname, device, device_pool, member, organization, placement,
+    api_key, application, application_hostname, application_status, device, device_pool, event, member, organization,
+    placement,
 };
 use super::{Db, PageRequest, StoreError, Write, api_keys, check_revision, page, parse, revision};
 use crate::secrets::NewSecret;
@@ -117,6 +118,20 @@ impl Db {
             organization::Entity::find_by_id(id.0).one(&write.txn).await?.ok_or(StoreError::NotFound)?;
             let txn = &write.txn;
             // Children before parents, so that no foreign key is ever left dangling.
+            let devices: Vec<uuid::Uuid> = device::Entity::find()
+                .select_only()
+                .column(device::Column::Id)
+                .filter(device::Column::OrganizationId.eq(id.0))
+                .into_tuple()
+                .all(txn)
+                .await?;
+            // Connected agents of the organization learn after commit that their device is gone.
+            write.touch(&devices.into_iter().map(edgible::model::DeviceId).collect::<Vec<_>>());
+            event::Entity::delete_many().filter(event::Column::OrganizationId.eq(id.0)).exec(txn).await?;
+            application_status::Entity::delete_many()
+                .filter(application_status::Column::OrganizationId.eq(id.0))
+                .exec(txn)
+                .await?;
             placement::Entity::delete_many().filter(placement::Column::OrganizationId.eq(id.0)).exec(txn).await?;
             application_hostname::Entity::delete_many()
                 .filter(application_hostname::Column::OrganizationId.eq(id.0))

@@ -10,7 +10,7 @@ use sea_orm::{
     Set,
 };
 
-use super::entities::{application, device, device_pool, placement};
+use super::entities::{application, application_status, device, device_pool, placement};
 use super::{Db, PageRequest, StoreError, check_revision, enum_from_text, page, parse, revision};
 
 const SERVING_DEVICE: &str = "serving-device";
@@ -89,6 +89,31 @@ async fn check_references(
     Ok(())
 }
 
+/// The device an application is placed on, if it is placed on one.
+pub(super) async fn placed_device(
+    conn: &impl ConnectionTrait,
+    application_id: ApplicationId,
+) -> Result<Option<DeviceId>, StoreError> {
+    let device: Option<Option<uuid::Uuid>> = placement::Entity::find()
+        .select_only()
+        .column(placement::Column::DeviceId)
+        .filter(placement::Column::ApplicationId.eq(application_id.0))
+        .into_tuple()
+        .one(conn)
+        .await?;
+    Ok(device.flatten().map(DeviceId))
+}
+
+/// Forgets the status reported for an application that leaves its device: it described the
+/// old device, and the new one reports its own.
+async fn forget_status(conn: &impl ConnectionTrait, application_id: ApplicationId) -> Result<(), StoreError> {
+    application_status::Entity::delete_many()
+        .filter(application_status::Column::ApplicationId.eq(application_id.0))
+        .exec(conn)
+        .await?;
+    Ok(())
+}
+
 impl Db {
     pub async fn placement(&self, organization_id: OrganizationId, id: PlacementId) -> Result<Placement, StoreError> {
         let row = placement::Entity::find_by_id(id.0)
@@ -149,6 +174,8 @@ impl Db {
             }
             .insert(&write.txn)
             .await?;
+            let placed = crate::desired::placement_devices(None, Some(spec));
+            write.change_desired(&placed).await?;
             to_model(row)
         }
         .await;
@@ -192,7 +219,12 @@ impl Db {
             active.region = Set(region);
             active.revision = Set(write.revision_column());
             active.updated_at = Set(write.now);
-            to_model(active.update(&write.txn).await?)
+            let updated = to_model(active.update(&write.txn).await?)?;
+            write.change_desired(&crate::desired::placement_devices(Some(&current.spec), Some(spec))).await?;
+            if current.spec.device_id() != spec.device_id() {
+                forget_status(&write.txn, spec.application_id()).await?;
+            }
+            Ok(updated)
         }
         .await;
         write.finish(result).await
@@ -201,14 +233,15 @@ impl Db {
     pub async fn delete_placement(&self, organization_id: OrganizationId, id: PlacementId) -> Result<(), StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            let deleted = placement::Entity::delete_many()
-                .filter(placement::Column::Id.eq(id.0))
+            let row = placement::Entity::find_by_id(id.0)
                 .filter(placement::Column::OrganizationId.eq(organization_id.0))
-                .exec(&write.txn)
-                .await?;
-            if deleted.rows_affected == 0 {
-                return Err(StoreError::NotFound);
-            }
+                .one(&write.txn)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            let current = to_model(row)?;
+            placement::Entity::delete_by_id(id.0).exec(&write.txn).await?;
+            write.change_desired(&crate::desired::placement_devices(Some(&current.spec), None)).await?;
+            forget_status(&write.txn, current.spec.application_id()).await?;
             Ok(())
         }
         .await;

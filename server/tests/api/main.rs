@@ -5,6 +5,7 @@
 //! Run: `cargo test -p edgible-server --test api` (add `EDGIBLE_ACC=1` for PostgreSQL).
 
 mod addresses;
+mod agents;
 mod binary;
 mod crud;
 mod isolation;
@@ -83,4 +84,13 @@ suite! {
     system::whoami_describes_the_key,
     system::openapi_describes_every_collection,
     system::health_and_metrics,
+    agents::enrollment_exchanges_the_token_once,
+    agents::hello_gets_welcome_and_a_snapshot,
+    agents::api_writes_push_deltas,
+    agents::moving_a_placement_moves_the_application,
+    agents::a_reconnecting_device_evicts_its_old_session,
+    agents::unanswered_pings_close_the_session,
+    agents::hostile_frames_get_error_frames,
+    agents::reports_are_stored_and_served,
+    agents::events_are_bounded_per_application,
 }

@@ -5,7 +5,10 @@ use anyhow::{Context, bail, ensure};
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
+use std::future::IntoFuture;
+
 use edgible_server::db::Db;
+use edgible_server::hub::agent::SessionConfig;
 use edgible_server::{AppState, router};
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
@@ -48,6 +51,26 @@ impl TestApp {
         let db = Db::connect(url).await.context("connecting to the test database")?;
         let created = edgible_server::bootstrap::bootstrap(&db, &"platform".parse()?).await?;
         Ok(TestApp { router: router(AppState::new(db)), platform_key: created.admin_key.secret })
+    }
+
+    /// The server with agent sessions timed by `config`, also served over HTTP on an
+    /// ephemeral loopback port (for WebSockets and streamed answers); requests through
+    /// [`TestApp::send`] and through the socket reach the same state.
+    pub async fn serve(url: &str, config: SessionConfig) -> anyhow::Result<Served> {
+        let db = Db::connect(url).await.context("connecting to the test database")?;
+        let created = edgible_server::bootstrap::bootstrap(&db, &"platform".parse()?).await?;
+        let state = AppState::with_session_config(db.clone(), config);
+        let router = router(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let server = tokio::spawn(axum::serve(listener, router.clone()).into_future());
+        Ok(Served {
+            app: TestApp { router, platform_key: created.admin_key.secret },
+            base: format!("http://{address}"),
+            state,
+            db,
+            server,
+        })
     }
 
     /// Creates an organization through the API.
@@ -253,4 +276,39 @@ pub struct Fleet {
     pub pool: String,
     pub device: String,
     pub application: String,
+}
+
+/// A [`TestApp`] that is also listening on loopback.
+pub struct Served {
+    pub app: TestApp,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    pub state: AppState,
+    /// Another handle on the server's database, for setting up what the API cannot.
+    pub db: Db,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Retries `check` until it holds, failing with `what` after a bounded wait.
+pub async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -55,8 +55,28 @@ pub async fn openapi_describes_every_collection(url: String) -> anyhow::Result<(
         }
     }
     ensure!(paths.contains_key("/v1/whoami"));
+    for path in [
+        "/v1/agent/enroll",
+        "/v1/agent/connect",
+        "/v1/applications/{id}/status",
+        "/v1/applications/{id}/logs",
+        "/v1/events",
+    ] {
+        ensure!(paths.contains_key(path), "no {path}");
+    }
     let schemas = document["components"]["schemas"].as_object().context("schemas")?;
-    for schema in ["ApplicationSpec", "DeviceSpec", "PlacementSpec", "ErrorBody", "Hostname"] {
+    for schema in [
+        "ApplicationSpec",
+        "DeviceSpec",
+        "PlacementSpec",
+        "ErrorBody",
+        "Hostname",
+        "EnrollmentRequest",
+        "Enrollment",
+        "ApplicationStatus",
+        "ApplicationLogs",
+        "Event",
+    ] {
         ensure!(schemas.contains_key(schema), "no schema {schema}; have {:?}", schemas.keys().collect::<Vec<_>>());
     }
     ensure!(document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer", "bearer auth is declared");

@@ -1,0 +1,91 @@
+//! `/v1/agent/*`: what device agents call. Enrollment trades a device's one-time token for
+//! its credential; `connect` upgrades to the WebSocket push session (`hub::agent`).
+
+use axum::Json;
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use edgible::model::{Enrollment, EnrollmentRequest, ErrorBody};
+use edgible::protocol::MAX_FRAME_BYTES;
+use futures::{SinkExt, StreamExt};
+
+use super::error::ApiError;
+use super::extract::{ApiQuery, JsonBody, NoParams, bearer_secret};
+use crate::AppState;
+use crate::db::EnrollError;
+use crate::hub::transport::Frame;
+use crate::secrets::{NewSecret, sha256_hex};
+
+/// The largest WebSocket message the transport takes. It is above the protocol's limit, so
+/// that a frame between the two is answered with an error frame (and the session goes on)
+/// rather than a dropped connection.
+const TRANSPORT_LIMIT: usize = 2 * MAX_FRAME_BYTES;
+/// Socket buffer sizes per session: small, since most frames are small and there may be many
+/// thousands of sessions.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+const WRITE_BUFFER_BYTES: usize = 0;
+
+#[utoipa::path(post, path = "/v1/agent/enroll", tag = "agents", request_body = EnrollmentRequest, security(()),
+    responses((status = 200, description = "The device and its credential, shown only here", body = Enrollment),
+              (status = 401, description = "Unknown or already used token", body = ErrorBody),
+              (status = 410, description = "Expired token", body = ErrorBody),
+              (status = "4XX", body = ErrorBody)))]
+pub async fn enroll(
+    State(state): State<AppState>,
+    _: ApiQuery<NoParams>,
+    JsonBody(request): JsonBody<EnrollmentRequest>,
+) -> Result<Response, ApiError> {
+    let credential = NewSecret::device_credential();
+    match state.db.enroll(&sha256_hex(&request.token), &request.public_key, &credential).await {
+        Ok(device) => {
+            tracing::info!(device = %device.id, "device enrolled");
+            Ok((StatusCode::OK, Json(Enrollment { device, credential: credential.secret })).into_response())
+        }
+        Err(error @ (EnrollError::UnknownToken | EnrollError::AlreadyUsed { .. })) => {
+            Err(ApiError::Unauthorized(error.to_string()))
+        }
+        Err(error @ EnrollError::Expired { .. }) => Err(ApiError::Gone(error.to_string())),
+        Err(error @ EnrollError::KeyTaken) => {
+            Err(ApiError::Conflict { field: Some("public_key".into()), message: error.to_string() })
+        }
+        Err(EnrollError::Store(error)) => Err(error.into()),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/agent/connect", tag = "agents",
+    description = "The push session of a device agent: a WebSocket carrying the versioned JSON frames of \
+                   `edgible::protocol`. Authenticated with the device credential from enrollment.",
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+              (status = 401, description = "Unknown device credential", body = ErrorBody),
+              (status = "4XX", body = ErrorBody)))]
+pub async fn connect(State(state): State<AppState>, request: axum::extract::Request) -> Result<Response, ApiError> {
+    let (mut parts, _body) = request.into_parts();
+    let device = authenticate(&state, &parts.headers).await?;
+    let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
+        .await
+        .map_err(|rejection| ApiError::bad_request(format!("this endpoint speaks WebSocket: {rejection}")))?;
+    let agents = state.agents.clone();
+    let response = upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_message_size(TRANSPORT_LIMIT)
+        .max_frame_size(TRANSPORT_LIMIT)
+        .on_upgrade(move |socket| async move {
+            let (sink, stream) = socket.split();
+            let sink = sink.with(|frame: Frame| futures::future::ready(Ok::<_, axum::Error>(Message::from(frame))));
+            let stream = stream.map(|message| message.map(Frame::from));
+            crate::hub::agent::run(agents, device, Box::pin(sink), stream).await;
+        });
+    Ok(response)
+}
+
+/// The device whose credential the request carries.
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<edgible::model::Device, ApiError> {
+    let secret = bearer_secret(headers, "a device credential")?;
+    state
+        .db
+        .device_by_credential(&sha256_hex(secret))
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("unknown device credential; enroll the device again".into()))
+}

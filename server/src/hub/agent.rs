@@ -1,0 +1,616 @@
+//! One agent's session: `hello`, then `welcome` and a full snapshot, then deltas when woken,
+//! pings, and whatever the agent reports (acks, status, events, logs).
+//!
+//! The session is generic over a sink and a stream of [`Frame`]s, so tests drive it through
+//! channels. Every frame the agent sends is decoded with the bounded `protocol::decode`;
+//! anything wrong is counted, logged and answered with an `error` frame, and the session goes
+//! on. Only a bad `hello` ends it, with an error frame and a close code that says why.
+
+use std::collections::HashSet;
+use std::fmt::Display;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgible::model::{ApplicationId, ApplicationPhase, Device, DeviceId, LogEntry, LogStream};
+use edgible::protocol::v1::{AgentMessage, ErrorCode, Phase, ServerMessage, Stream as LogLineStream};
+use edgible::protocol::{DecodeError, VERSION, close, decode, encode};
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use tokio::time::{Instant, sleep_until, timeout};
+use uuid::Uuid;
+
+use super::heartbeat::{Beat, Heartbeat};
+use super::transport::Frame;
+use super::{Hub, Registration};
+use crate::db::{Db, StatusReport};
+use crate::desired::Offered;
+use crate::logs::LogStore;
+use crate::metrics::Metrics;
+
+/// The longest message or event text kept, in bytes.
+const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// Timing of agent sessions.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// How often the server pings each agent.
+    pub ping_interval: Duration,
+    /// How long a ping may go unanswered before the session is closed.
+    pub pong_timeout: Duration,
+    /// How long a new connection may take to send `hello`.
+    pub hello_timeout: Duration,
+    /// How long writing one frame may take before the agent counts as gone.
+    pub send_timeout: Duration,
+    /// How often an answered ping refreshes the device's `last_seen_at`.
+    pub seen_interval: Duration,
+    /// How often a followed log stream with no new lines sends a keep-alive, which is how the
+    /// server notices a follower that went away.
+    pub follow_keepalive: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(10),
+            seen_interval: Duration::from_secs(60),
+            follow_keepalive: Duration::from_secs(15),
+        }
+    }
+}
+
+/// What every agent session shares. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Agents {
+    pub db: Db,
+    pub hub: Arc<Hub<DeviceId>>,
+    pub logs: Arc<LogStore>,
+    pub metrics: Arc<Metrics>,
+    pub config: SessionConfig,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The agent closed the connection, or it broke.
+    Disconnected,
+    /// A newer session of the same device took over.
+    Replaced,
+    /// The agent did not answer a ping in time.
+    TimedOut,
+    /// The first frame was not an acceptable `hello`.
+    Refused,
+    /// The device was deleted while connected.
+    DeviceDeleted,
+    /// Writing to the agent failed or took too long.
+    SendFailed,
+    /// The database failed.
+    Failed,
+}
+
+impl Ended {
+    /// The metrics label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Ended::Disconnected => "disconnected",
+            Ended::Replaced => "replaced",
+            Ended::TimedOut => "timeout",
+            Ended::Refused => "refused",
+            Ended::DeviceDeleted => "device_deleted",
+            Ended::SendFailed => "send_failed",
+            Ended::Failed => "failed",
+        }
+    }
+}
+
+/// Runs the session of `device`'s agent (already authenticated by its credential) until it
+/// ends, keeping the device's online state.
+pub async fn run<Tx, Rx, E>(agents: Agents, device: Device, tx: Tx, mut rx: Rx) -> Ended
+where
+    Tx: Sink<Frame> + Unpin,
+    Rx: Stream<Item = Result<Frame, E>> + Unpin,
+    E: Display,
+{
+    let mut session = Session {
+        heartbeat: Heartbeat::new(Instant::now(), agents.config.ping_interval, agents.config.pong_timeout),
+        agents,
+        device,
+        tx,
+        offered: Offered::default(),
+        session_id: Uuid::now_v7(),
+        known_applications: HashSet::new(),
+        last_seen_write: Instant::now(),
+    };
+    let span = tracing::info_span!("agent", device = %session.device.id);
+    let ended = tracing::Instrument::instrument(session.serve(&mut rx), span).await;
+    session.agents.metrics.session_ended(ended.reason());
+    ended
+}
+
+struct Session<Tx> {
+    agents: Agents,
+    device: Device,
+    tx: Tx,
+    /// What the agent has been sent.
+    offered: Offered,
+    session_id: Uuid,
+    heartbeat: Heartbeat,
+    /// Applications checked to belong to the device's organization, for logs.
+    known_applications: HashSet<ApplicationId>,
+    last_seen_write: Instant,
+}
+
+impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
+    async fn serve<Rx, E>(&mut self, rx: &mut Rx) -> Ended
+    where
+        Rx: Stream<Item = Result<Frame, E>> + Unpin,
+        E: Display,
+    {
+        if let Err(ended) = self.hello(rx).await {
+            return ended;
+        }
+        let (mut registration, replaced) = self.agents.hub.register(self.device.id);
+        if replaced {
+            tracing::info!("a new session replaced the device's previous one");
+        }
+        self.agents.metrics.session_started();
+        let ended = match self.connected(rx, &mut registration).await {
+            Ok(()) => Ended::Disconnected,
+            Err(ended) => ended,
+        };
+        drop(registration);
+        if let Err(error) = self.agents.db.agent_disconnected(self.device.id, self.session_id).await {
+            tracing::warn!(%error, "cannot mark the device offline");
+        }
+        tracing::info!(reason = ended.reason(), "session ended");
+        ended
+    }
+
+    /// Reads and checks `hello`; on failure the agent has been told why and the socket closed.
+    async fn hello<Rx, E>(&mut self, rx: &mut Rx) -> Result<(), Ended>
+    where
+        Rx: Stream<Item = Result<Frame, E>> + Unpin,
+        E: Display,
+    {
+        let deadline = Instant::now() + self.agents.config.hello_timeout;
+        let text = loop {
+            match timeout(deadline.saturating_duration_since(Instant::now()), rx.next()).await {
+                Err(_) => {
+                    let message = "no hello within the time allowed".to_owned();
+                    return Err(self.refuse("timeout", ErrorCode::Unexpected, message, close::PROTOCOL_ERROR).await);
+                }
+                Ok(None | Some(Err(_)) | Some(Ok(Frame::Close(_)))) => return Err(Ended::Disconnected),
+                Ok(Some(Ok(Frame::Control))) => {}
+                Ok(Some(Ok(Frame::Binary(_)))) => {
+                    let message = "binary frames are not part of the protocol; the first frame must be hello".into();
+                    return Err(self.refuse("binary", ErrorCode::Malformed, message, close::PROTOCOL_ERROR).await);
+                }
+                Ok(Some(Ok(Frame::Text(text)))) => break text,
+            }
+        };
+        self.agents.metrics.frame_received();
+        let hello = match decode::<AgentMessage>(&text) {
+            Ok(message) => message,
+            Err(error) => {
+                let message = match &error {
+                    DecodeError::UnsupportedVersion { got } => {
+                        format!("protocol version {got} is not supported: this server speaks version {VERSION}")
+                    }
+                    DecodeError::MissingVersion => {
+                        format!("the hello names no protocol version: this server speaks version {VERSION}")
+                    }
+                    other => format!("the first frame must be hello: {other}"),
+                };
+                return Err(self.refuse(error.reason(), error_code(&error), message, close::PROTOCOL_ERROR).await);
+            }
+        };
+        let AgentMessage::Hello { device_id, public_key, applied_revision, capabilities, agent_version } = hello else {
+            let message = format!("the first frame must be hello, not {}", message_type(&hello));
+            return Err(self.refuse("unexpected", ErrorCode::Unexpected, message, close::PROTOCOL_ERROR).await);
+        };
+        if device_id != self.device.id {
+            let message = format!("hello names device {device_id}, but the credential is device {}'s", self.device.id);
+            return Err(self.refuse("unexpected", ErrorCode::Unexpected, message, close::POLICY_VIOLATION).await);
+        }
+        if self.device.status.public_key.as_deref() != Some(public_key.as_str()) {
+            let message = "hello carries another public key than the device enrolled with; enroll again".to_owned();
+            return Err(self.refuse("unexpected", ErrorCode::Unexpected, message, close::POLICY_VIOLATION).await);
+        }
+        tracing::info!(%agent_version, ?capabilities, ?applied_revision, "agent said hello");
+        if let Some(applied) = applied_revision
+            && let Err(error) = self.agents.db.record_applied(self.device.id, applied).await
+        {
+            tracing::warn!(%error, "cannot record the applied revision from hello");
+        }
+        Ok(())
+    }
+
+    /// Serves a session that passed `hello`: welcome, snapshot, then events until it ends.
+    async fn connected<Rx, E>(&mut self, rx: &mut Rx, registration: &mut Registration<DeviceId>) -> Result<(), Ended>
+    where
+        Rx: Stream<Item = Result<Frame, E>> + Unpin,
+        E: Display,
+    {
+        match self.agents.db.agent_connected(self.device.id, self.session_id).await {
+            Ok(true) => {}
+            Ok(false) => return Err(self.deleted().await),
+            Err(error) => return Err(self.failed(&error).await),
+        }
+        self.send(&ServerMessage::Welcome {
+            device_id: self.device.id,
+            tunnel_address: self.device.status.tunnel_address,
+            server_version: env!("CARGO_PKG_VERSION").to_owned(),
+            ping_interval_seconds: Some(self.agents.config.ping_interval.as_secs().max(1)),
+        })
+        .await?;
+        self.push_desired(true).await?;
+        loop {
+            let deadline = self.heartbeat.deadline();
+            tokio::select! {
+                biased;
+                _ = &mut registration.evicted => {
+                    let message = "another session of this device connected; this one is closed".to_owned();
+                    self.send(&ServerMessage::Error { code: ErrorCode::Replaced, message }).await?;
+                    self.close(close::REPLACED, "replaced by a newer session").await;
+                    return Err(Ended::Replaced);
+                }
+                frame = rx.next() => match frame {
+                    None | Some(Ok(Frame::Close(_))) => return Ok(()),
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "the connection broke");
+                        return Ok(());
+                    }
+                    Some(Ok(Frame::Text(text))) => self.on_text(&text).await?,
+                    Some(Ok(Frame::Binary(_))) => {
+                        let message = "binary frames are not part of the protocol".to_owned();
+                        self.reject("binary", ErrorCode::Malformed, message).await?;
+                    }
+                    Some(Ok(Frame::Control)) => {}
+                },
+                () = registration.wake.notified() => self.push_desired(false).await?,
+                () = sleep_until(deadline) => match self.heartbeat.on_deadline(Instant::now()) {
+                    Beat::Ping(nonce) => self.send(&ServerMessage::Ping { nonce }).await?,
+                    Beat::Dead => {
+                        let message = "no pong in time; closing the session".to_owned();
+                        // The agent is probably gone; whether it hears this does not matter.
+                        let _ = self.send(&ServerMessage::Error { code: ErrorCode::Timeout, message }).await;
+                        self.close(close::TIMEOUT, "ping timeout").await;
+                        return Err(Ended::TimedOut);
+                    }
+                    Beat::Idle => {}
+                },
+            }
+        }
+    }
+
+    /// Sends the full snapshot, or the delta since what was offered if there is one.
+    async fn push_desired(&mut self, full: bool) -> Result<(), Ended> {
+        let state = match self.agents.db.desired_state(self.device.id).await {
+            Ok(Some(state)) => state,
+            Ok(None) => return Err(self.deleted().await),
+            Err(error) => return Err(self.failed(&error).await),
+        };
+        let update = if full { Some(self.offered.snapshot(&state)) } else { self.offered.delta_to(&state) };
+        if let Some(update) = update {
+            self.send(&update).await?;
+            self.agents.metrics.update_sent();
+        }
+        Ok(())
+    }
+
+    async fn on_text(&mut self, text: &str) -> Result<(), Ended> {
+        self.agents.metrics.frame_received();
+        let message = match decode::<AgentMessage>(text) {
+            Ok(message) => message,
+            Err(error) => return self.reject(error.reason(), error_code(&error), error.to_string()).await,
+        };
+        match message {
+            AgentMessage::Hello { .. } => {
+                self.reject("unexpected", ErrorCode::Unexpected, "hello was already received".into()).await?;
+            }
+            AgentMessage::Ack { revision } => {
+                if revision > self.offered.revision {
+                    let message = format!(
+                        "ack of revision {revision}, but the latest revision sent is {}",
+                        self.offered.revision
+                    );
+                    return self.reject("unexpected", ErrorCode::Unexpected, message).await;
+                }
+                match self.agents.db.record_applied(self.device.id, revision).await {
+                    Ok(true) => tracing::debug!(revision, "applied"),
+                    Ok(false) => tracing::debug!(revision, "ignored a stale ack"),
+                    Err(error) => tracing::warn!(%error, "cannot record an ack"),
+                }
+            }
+            AgentMessage::Pong { nonce } => {
+                if self.heartbeat.on_pong(nonce) && self.last_seen_write.elapsed() >= self.agents.config.seen_interval {
+                    self.last_seen_write = Instant::now();
+                    if let Err(error) = self.agents.db.agent_seen(self.device.id, self.session_id).await {
+                        tracing::warn!(%error, "cannot record when the agent was seen");
+                    }
+                }
+            }
+            AgentMessage::Status { applications } => {
+                let reports: Vec<StatusReport> = applications
+                    .into_iter()
+                    .map(|status| StatusReport {
+                        application_id: status.application_id,
+                        phase: phase(status.phase),
+                        message: status.message.map(|message| bounded(message, MAX_MESSAGE_BYTES)),
+                        revision: status.revision,
+                    })
+                    .collect();
+                match self.agents.db.record_statuses(&self.device, &reports).await {
+                    Ok(stored) if stored < reports.len() => {
+                        tracing::debug!(
+                            ignored = reports.len() - stored,
+                            "ignored statuses of applications not placed here"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "cannot record statuses"),
+                }
+            }
+            AgentMessage::Event { application_id, at, message } => {
+                let message = bounded(message, MAX_MESSAGE_BYTES);
+                match self.agents.db.record_event(&self.device, application_id, at, &message).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::debug!(?application_id, "ignored an event of an unknown application"),
+                    Err(error) => tracing::warn!(%error, "cannot record an event"),
+                }
+            }
+            AgentMessage::Logs { application_id, lines, dropped } => {
+                if self.knows(application_id).await {
+                    let device_id = self.device.id;
+                    let entries = lines
+                        .into_iter()
+                        .map(|line| LogEntry {
+                            at: line.at,
+                            device_id,
+                            stream: log_stream(line.stream),
+                            line: line.line,
+                        })
+                        .collect();
+                    self.agents.logs.append(application_id, entries, dropped);
+                } else {
+                    tracing::debug!(%application_id, "ignored logs of an unknown application");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the application belongs to the device's organization (cached once known).
+    async fn knows(&mut self, application_id: ApplicationId) -> bool {
+        if self.known_applications.contains(&application_id) {
+            return true;
+        }
+        match self.agents.db.application_exists(self.device.organization_id, application_id).await {
+            Ok(true) => {
+                self.known_applications.insert(application_id);
+                true
+            }
+            Ok(false) => false,
+            Err(error) => {
+                tracing::warn!(%error, "cannot check an application");
+                false
+            }
+        }
+    }
+
+    async fn send(&mut self, message: &ServerMessage) -> Result<(), Ended> {
+        let frame = Frame::Text(encode(message));
+        match timeout(self.agents.config.send_timeout, self.tx.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Ended::SendFailed),
+            Err(_) => {
+                tracing::info!("writing to the agent took too long");
+                Err(Ended::SendFailed)
+            }
+        }
+    }
+
+    /// Answers a frame the session cannot take with an error frame, and goes on.
+    async fn reject(&mut self, reason: &'static str, code: ErrorCode, message: String) -> Result<(), Ended> {
+        tracing::warn!(reason, %message, "rejected a frame");
+        self.agents.metrics.frame_rejected(reason);
+        self.send(&ServerMessage::Error { code, message }).await
+    }
+
+    /// Answers a bad start with an error frame and closes.
+    async fn refuse(&mut self, reason: &'static str, code: ErrorCode, message: String, close_code: u16) -> Ended {
+        tracing::warn!(reason, %message, "refused a session");
+        self.agents.metrics.frame_rejected(reason);
+        if self.send(&ServerMessage::Error { code, message: message.clone() }).await.is_ok() {
+            self.close(close_code, &message).await;
+        }
+        Ended::Refused
+    }
+
+    async fn deleted(&mut self) -> Ended {
+        let message = "the device was deleted".to_owned();
+        if self.send(&ServerMessage::Error { code: ErrorCode::Unexpected, message }).await.is_ok() {
+            self.close(close::POLICY_VIOLATION, "the device was deleted").await;
+        }
+        Ended::DeviceDeleted
+    }
+
+    async fn failed(&mut self, error: &crate::db::StoreError) -> Ended {
+        tracing::error!(%error, "the session failed");
+        let message = "the server failed; reconnect later".to_owned();
+        if self.send(&ServerMessage::Error { code: ErrorCode::Internal, message }).await.is_ok() {
+            self.close(close::INTERNAL_ERROR, "server error").await;
+        }
+        Ended::Failed
+    }
+
+    /// Sends a close frame, best effort: the session ends either way.
+    async fn close(&mut self, code: u16, reason: &str) {
+        // Close reasons must fit a control frame (125 bytes with the code).
+        let reason = bounded(reason.to_owned(), 120);
+        let _ = timeout(self.agents.config.send_timeout, self.tx.send(Frame::Close(Some((code, reason))))).await;
+    }
+}
+
+/// The `type` of a message, for error texts.
+fn message_type(message: &AgentMessage) -> &'static str {
+    match message {
+        AgentMessage::Hello { .. } => "hello",
+        AgentMessage::Ack { .. } => "ack",
+        AgentMessage::Status { .. } => "status",
+        AgentMessage::Event { .. } => "event",
+        AgentMessage::Logs { .. } => "logs",
+        AgentMessage::Pong { .. } => "pong",
+    }
+}
+
+fn error_code(error: &DecodeError) -> ErrorCode {
+    match error {
+        DecodeError::TooLarge { .. } => ErrorCode::TooLarge,
+        DecodeError::UnsupportedVersion { .. } | DecodeError::MissingVersion => ErrorCode::UnsupportedVersion,
+        DecodeError::UnknownType(_) => ErrorCode::UnknownType,
+        DecodeError::Malformed(_) => ErrorCode::Malformed,
+    }
+}
+
+fn phase(phase: Phase) -> ApplicationPhase {
+    match phase {
+        Phase::Pending => ApplicationPhase::Pending,
+        Phase::Starting => ApplicationPhase::Starting,
+        Phase::Running => ApplicationPhase::Running,
+        Phase::Unhealthy => ApplicationPhase::Unhealthy,
+        Phase::Stopped => ApplicationPhase::Stopped,
+        Phase::Failed => ApplicationPhase::Failed,
+    }
+}
+
+fn log_stream(stream: LogLineStream) -> LogStream {
+    match stream {
+        LogLineStream::Stdout => LogStream::Stdout,
+        LogLineStream::Stderr => LogStream::Stderr,
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary.
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use edgible::model::{DevicePoolSpec, DeviceSpec, PlacementSpec};
+    use futures::channel::mpsc;
+
+    use super::*;
+    use crate::secrets::NewSecret;
+
+    const KEY: &str = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY=";
+
+    /// A database with one enrolled device, and what sessions share.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        agents: Agents,
+        device: Device,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("hub.db").display());
+        let db = Db::connect(&url).await.expect("a test database");
+        let org = db.bootstrap(&"acme".parse().expect("name"), &NewSecret::api_key()).await.expect("bootstrap");
+        let org = org.expect("an empty database").organization.id;
+        let pool_spec: DevicePoolSpec =
+            serde_json::from_value(serde_json::json!({"name": "home", "tunnel_cidr": "100.96.0.0/24"})).expect("pool");
+        let pool = db.create_device_pool(org, &pool_spec).await.expect("pool");
+        let token = NewSecret::enrollment_token();
+        let spec = DeviceSpec { name: "laptop".parse().expect("name"), pool_id: pool.id, labels: Default::default() };
+        let expires_at = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+        db.create_device(org, &spec, &token, expires_at).await.expect("device");
+        let device = db.enroll(&token.sha256, KEY, &NewSecret::device_credential()).await.expect("enrolled");
+        let state = crate::AppState::new(db);
+        Fixture { _dir: dir, agents: state.agents().clone(), device }
+    }
+
+    fn hello(device: &Device, frame_version: u32) -> String {
+        format!(
+            r#"{{"v":{frame_version},"type":"hello","device_id":"{}","public_key":"{KEY}","applied_revision":null,"agent_version":"t"}}"#,
+            device.id
+        )
+    }
+
+    async fn next_message(frames: &mut mpsc::UnboundedReceiver<Frame>) -> ServerMessage {
+        match frames.next().await {
+            Some(Frame::Text(text)) => decode(&text).expect("the server sends valid frames"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hello_of_another_version_is_refused_and_closed() {
+        let fixture = fixture().await;
+        let (to_server, from_test) = mpsc::unbounded::<Result<Frame, Infallible>>();
+        let (to_test, mut frames) = mpsc::unbounded::<Frame>();
+        to_server.unbounded_send(Ok(Frame::Text(hello(&fixture.device, 2)))).expect("queued");
+        let ended = run(fixture.agents.clone(), fixture.device.clone(), to_test, from_test).await;
+        assert_eq!(ended, Ended::Refused);
+        let ServerMessage::Error { code, message } = next_message(&mut frames).await else { panic!("not an error") };
+        assert_eq!(code, ErrorCode::UnsupportedVersion);
+        assert!(message.contains("version 2 is not supported"), "{message}");
+        assert!(matches!(frames.next().await, Some(Frame::Close(Some((close::PROTOCOL_ERROR, _))))));
+        assert!(fixture.agents.hub.is_empty(), "a refused session never joins the hub");
+    }
+
+    #[tokio::test]
+    async fn a_session_sends_a_snapshot_then_deltas_when_woken() {
+        let fixture = fixture().await;
+        let (to_server, from_test) = mpsc::unbounded::<Result<Frame, Infallible>>();
+        let (to_test, mut frames) = mpsc::unbounded::<Frame>();
+        let session = tokio::spawn(run(fixture.agents.clone(), fixture.device.clone(), to_test, from_test));
+        to_server.unbounded_send(Ok(Frame::Text(hello(&fixture.device, 1)))).expect("queued");
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::Welcome { .. }));
+        let ServerMessage::ApplicationUpdate { full: true, applications, .. } = next_message(&mut frames).await else {
+            panic!("expected a snapshot");
+        };
+        assert!(applications.is_empty());
+
+        // A placement written through the database wakes the session, which sends the delta.
+        let db = &fixture.agents.db;
+        let org = fixture.device.organization_id;
+        let spec = serde_json::json!({
+            "name": "web", "hostnames": ["web.example.test"], "workload": {"process": {"command": "/bin/web"}}, "port": 80
+        });
+        let application = db
+            .create_application(org, &edgible::model::parse_json(spec.to_string().as_bytes()).expect("spec"))
+            .await
+            .expect("application");
+        let placement = PlacementSpec::ServingDevice { application_id: application.id, device_id: fixture.device.id };
+        let placement = db.create_placement(org, &placement).await.expect("placement");
+        let ServerMessage::ApplicationUpdate { revision, full: false, applications, removed } =
+            next_message(&mut frames).await
+        else {
+            panic!("expected a delta");
+        };
+        assert_eq!(revision, placement.revision);
+        assert_eq!(applications.iter().map(|a| a.id).collect::<Vec<_>>(), [application.id]);
+        assert!(removed.is_empty());
+
+        // Hostile input is answered and the session goes on; the peer leaving ends it.
+        to_server.unbounded_send(Ok(Frame::Text("{".into()))).expect("queued");
+        let ServerMessage::Error { code, .. } = next_message(&mut frames).await else { panic!("expected an error") };
+        assert_eq!(code, ErrorCode::Malformed);
+        drop(to_server);
+        assert_eq!(session.await.expect("the session task"), Ended::Disconnected);
+        let device = db.device(org, fixture.device.id).await.expect("device");
+        assert_eq!(device.status.state, edgible::model::DeviceState::Offline);
+    }
+}
