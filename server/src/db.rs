@@ -19,6 +19,7 @@ mod members;
 mod migration;
 mod organizations;
 mod placements;
+mod scoped;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -364,26 +365,4 @@ fn check_revision(expected: Option<Revision>, stored: i64) -> Result<(), StoreEr
         Some(expected) if expected != current => Err(StoreError::StaleRevision { expected, current }),
         _ => Ok(()),
     }
-}
-
-/// Whether another row of a per-organization unique name exists.
-async fn name_taken<E, C>(
-    conn: &C,
-    organization_column: E::Column,
-    name_column: E::Column,
-    id_column: E::Column,
-    organization_id: Uuid,
-    name: &str,
-    except: Option<Uuid>,
-) -> Result<bool, StoreError>
-where
-    E: EntityTrait,
-    E::Model: Sync,
-    C: ConnectionTrait,
-{
-    let mut query = E::find().filter(organization_column.eq(organization_id)).filter(name_column.eq(name));
-    if let Some(except) = except {
-        query = query.filter(id_column.ne(except));
-    }
-    Ok(query.count(conn).await? > 0)
 }

@@ -4,13 +4,20 @@
 use std::collections::BTreeSet;
 
 use edgible::model::{ApiKey, ApiKeyCreated, ApiKeyId, ApiKeySpec, OrganizationId, Page, Revision, Scope};
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
 
 use super::entities::api_key;
-use super::{
-    Db, PageRequest, StoreError, Write, check_revision, name_taken, page, parse, parse_json, revision, to_json,
-};
+use super::scoped::Scoped;
+use super::{Db, PageRequest, StoreError, Write, check_revision, parse, parse_json, revision, to_json};
 use crate::secrets::NewSecret;
+
+/// How API keys are read within an organization.
+const API_KEYS: Scoped<api_key::Entity> = Scoped {
+    organization: api_key::Column::OrganizationId,
+    id: api_key::Column::Id,
+    name: Some(api_key::Column::Name),
+    row_id: |row| row.id,
+};
 
 fn to_model(row: api_key::Model) -> Result<ApiKey, StoreError> {
     let scopes: BTreeSet<Scope> = parse_json("key scopes", &row.scopes)?;
@@ -32,17 +39,7 @@ pub(super) async fn insert(
     spec: &ApiKeySpec,
     secret: &NewSecret,
 ) -> Result<ApiKeyCreated, StoreError> {
-    if name_taken::<api_key::Entity, _>(
-        &write.txn,
-        api_key::Column::OrganizationId,
-        api_key::Column::Name,
-        api_key::Column::Id,
-        organization_id.0,
-        spec.name.as_str(),
-        None,
-    )
-    .await?
-    {
+    if API_KEYS.name_taken(&write.txn, organization_id.0, spec.name.as_str(), None).await? {
         return Err(StoreError::conflict("name", format!("an API key named {} already exists", spec.name)));
     }
     let row = api_key::ActiveModel {
@@ -70,11 +67,7 @@ impl Db {
     }
 
     pub async fn api_key(&self, organization_id: OrganizationId, id: ApiKeyId) -> Result<ApiKey, StoreError> {
-        let row = api_key::Entity::find_by_id(id.0)
-            .filter(api_key::Column::OrganizationId.eq(organization_id.0))
-            .one(&self.conn)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let row = API_KEYS.row(&self.conn, organization_id.0, id.0).await?;
         to_model(row)
     }
 
@@ -83,15 +76,7 @@ impl Db {
         organization_id: OrganizationId,
         request: &PageRequest,
     ) -> Result<Page<ApiKey>, StoreError> {
-        let mut query = api_key::Entity::find().filter(api_key::Column::OrganizationId.eq(organization_id.0));
-        if let Some(name) = &request.name {
-            query = query.filter(api_key::Column::Name.eq(name.as_str()));
-        }
-        if let Some(after) = request.after {
-            query = query.filter(api_key::Column::Id.gt(after));
-        }
-        let rows = query.order_by_asc(api_key::Column::Id).limit(request.limit + 1).all(&self.conn).await?;
-        page(rows, request.limit, |row| row.id, to_model)
+        API_KEYS.page(&self.conn, organization_id.0, request, to_model).await
     }
 
     pub async fn create_api_key(
@@ -114,27 +99,13 @@ impl Db {
     ) -> Result<ApiKey, StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            let row = api_key::Entity::find_by_id(id.0)
-                .filter(api_key::Column::OrganizationId.eq(organization_id.0))
-                .one(&write.txn)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+            let row = API_KEYS.row(&write.txn, organization_id.0, id.0).await?;
             check_revision(expected, row.revision)?;
             let current = to_model(row.clone())?;
             if current.spec == *spec {
                 return Ok(current);
             }
-            if name_taken::<api_key::Entity, _>(
-                &write.txn,
-                api_key::Column::OrganizationId,
-                api_key::Column::Name,
-                api_key::Column::Id,
-                organization_id.0,
-                spec.name.as_str(),
-                Some(id.0),
-            )
-            .await?
-            {
+            if API_KEYS.name_taken(&write.txn, organization_id.0, spec.name.as_str(), Some(id.0)).await? {
                 return Err(StoreError::conflict("name", format!("an API key named {} already exists", spec.name)));
             }
             let mut active: api_key::ActiveModel = row.into();

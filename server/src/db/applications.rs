@@ -3,11 +3,20 @@
 //! whose `parent` column finds wildcard overlaps between organizations.
 
 use edgible::model::{Application, ApplicationId, ApplicationSpec, Hostname, OrganizationId, Page, Revision};
-use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set};
 use uuid::Uuid;
 
 use super::entities::{application, application_hostname, application_status, event, placement};
-use super::{Db, PageRequest, StoreError, Write, check_revision, name_taken, page, parse_json, revision, to_json};
+use super::scoped::Scoped;
+use super::{Db, PageRequest, StoreError, Write, check_revision, parse_json, revision, to_json};
+
+/// How applications are read within an organization.
+const APPLICATIONS: Scoped<application::Entity> = Scoped {
+    organization: application::Column::OrganizationId,
+    id: application::Column::Id,
+    name: Some(application::Column::Name),
+    row_id: |row| row.id,
+};
 
 pub(super) fn to_model(row: application::Model) -> Result<Application, StoreError> {
     Ok(Application {
@@ -109,17 +118,7 @@ async fn check_name(
     spec: &ApplicationSpec,
     except: Option<Uuid>,
 ) -> Result<(), StoreError> {
-    if name_taken::<application::Entity, _>(
-        &write.txn,
-        application::Column::OrganizationId,
-        application::Column::Name,
-        application::Column::Id,
-        organization_id.0,
-        spec.name.as_str(),
-        except,
-    )
-    .await?
-    {
+    if APPLICATIONS.name_taken(&write.txn, organization_id.0, spec.name.as_str(), except).await? {
         return Err(StoreError::conflict("name", format!("an application named {} already exists", spec.name)));
     }
     Ok(())
@@ -131,11 +130,7 @@ impl Db {
         organization_id: OrganizationId,
         id: ApplicationId,
     ) -> Result<Application, StoreError> {
-        let row = application::Entity::find_by_id(id.0)
-            .filter(application::Column::OrganizationId.eq(organization_id.0))
-            .one(&self.conn)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let row = APPLICATIONS.row(&self.conn, organization_id.0, id.0).await?;
         to_model(row)
     }
 
@@ -144,15 +139,7 @@ impl Db {
         organization_id: OrganizationId,
         request: &PageRequest,
     ) -> Result<Page<Application>, StoreError> {
-        let mut query = application::Entity::find().filter(application::Column::OrganizationId.eq(organization_id.0));
-        if let Some(name) = &request.name {
-            query = query.filter(application::Column::Name.eq(name.as_str()));
-        }
-        if let Some(after) = request.after {
-            query = query.filter(application::Column::Id.gt(after));
-        }
-        let rows = query.order_by_asc(application::Column::Id).limit(request.limit + 1).all(&self.conn).await?;
-        page(rows, request.limit, |row| row.id, to_model)
+        APPLICATIONS.page(&self.conn, organization_id.0, request, to_model).await
     }
 
     pub async fn create_application(
@@ -193,11 +180,7 @@ impl Db {
     ) -> Result<Application, StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            let row = application::Entity::find_by_id(id.0)
-                .filter(application::Column::OrganizationId.eq(organization_id.0))
-                .one(&write.txn)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+            let row = APPLICATIONS.row(&write.txn, organization_id.0, id.0).await?;
             check_revision(expected, row.revision)?;
             let current = to_model(row.clone())?;
             let spec = complete(spec.clone(), Some(&current.spec));
@@ -232,11 +215,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            application::Entity::find_by_id(id.0)
-                .filter(application::Column::OrganizationId.eq(organization_id.0))
-                .one(&write.txn)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+            APPLICATIONS.row(&write.txn, organization_id.0, id.0).await?;
             if let Some(device) = super::placements::placed_device(&write.txn, id).await? {
                 write.change_desired(&[device]).await?;
             }

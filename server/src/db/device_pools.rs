@@ -2,11 +2,18 @@
 //! devices, or that a cloud placement names, cannot be deleted.
 
 use edgible::model::{DevicePool, DevicePoolId, DevicePoolSpec, OrganizationId, Page, Revision};
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, Set};
 
 use super::entities::{device, device_pool, placement};
-use super::{
-    Db, PageRequest, StoreError, check_revision, enum_from_text, enum_text, name_taken, page, parse, revision,
+use super::scoped::Scoped;
+use super::{Db, PageRequest, StoreError, check_revision, enum_from_text, enum_text, parse, revision};
+
+/// How device pools are read within an organization.
+const DEVICE_POOLS: Scoped<device_pool::Entity> = Scoped {
+    organization: device_pool::Column::OrganizationId,
+    id: device_pool::Column::Id,
+    name: Some(device_pool::Column::Name),
+    row_id: |row| row.id,
 };
 
 pub(super) fn to_model(row: device_pool::Model) -> Result<DevicePool, StoreError> {
@@ -31,11 +38,7 @@ impl Db {
         organization_id: OrganizationId,
         id: DevicePoolId,
     ) -> Result<DevicePool, StoreError> {
-        let row = device_pool::Entity::find_by_id(id.0)
-            .filter(device_pool::Column::OrganizationId.eq(organization_id.0))
-            .one(&self.conn)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let row = DEVICE_POOLS.row(&self.conn, organization_id.0, id.0).await?;
         to_model(row)
     }
 
@@ -44,15 +47,7 @@ impl Db {
         organization_id: OrganizationId,
         request: &PageRequest,
     ) -> Result<Page<DevicePool>, StoreError> {
-        let mut query = device_pool::Entity::find().filter(device_pool::Column::OrganizationId.eq(organization_id.0));
-        if let Some(name) = &request.name {
-            query = query.filter(device_pool::Column::Name.eq(name.as_str()));
-        }
-        if let Some(after) = request.after {
-            query = query.filter(device_pool::Column::Id.gt(after));
-        }
-        let rows = query.order_by_asc(device_pool::Column::Id).limit(request.limit + 1).all(&self.conn).await?;
-        page(rows, request.limit, |row| row.id, to_model)
+        DEVICE_POOLS.page(&self.conn, organization_id.0, request, to_model).await
     }
 
     pub async fn create_device_pool(
@@ -62,17 +57,7 @@ impl Db {
     ) -> Result<DevicePool, StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            if name_taken::<device_pool::Entity, _>(
-                &write.txn,
-                device_pool::Column::OrganizationId,
-                device_pool::Column::Name,
-                device_pool::Column::Id,
-                organization_id.0,
-                spec.name.as_str(),
-                None,
-            )
-            .await?
-            {
+            if DEVICE_POOLS.name_taken(&write.txn, organization_id.0, spec.name.as_str(), None).await? {
                 return Err(StoreError::conflict("name", format!("a device pool named {} already exists", spec.name)));
             }
             let row = device_pool::ActiveModel {
@@ -103,11 +88,7 @@ impl Db {
     ) -> Result<DevicePool, StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            let row = device_pool::Entity::find_by_id(id.0)
-                .filter(device_pool::Column::OrganizationId.eq(organization_id.0))
-                .one(&write.txn)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+            let row = DEVICE_POOLS.row(&write.txn, organization_id.0, id.0).await?;
             check_revision(expected, row.revision)?;
             let current = to_model(row.clone())?;
             if current.spec.tunnel_cidr != spec.tunnel_cidr {
@@ -122,17 +103,7 @@ impl Db {
             if current.spec == *spec {
                 return Ok(current);
             }
-            if name_taken::<device_pool::Entity, _>(
-                &write.txn,
-                device_pool::Column::OrganizationId,
-                device_pool::Column::Name,
-                device_pool::Column::Id,
-                organization_id.0,
-                spec.name.as_str(),
-                Some(id.0),
-            )
-            .await?
-            {
+            if DEVICE_POOLS.name_taken(&write.txn, organization_id.0, spec.name.as_str(), Some(id.0)).await? {
                 return Err(StoreError::conflict("name", format!("a device pool named {} already exists", spec.name)));
             }
             let mut active: device_pool::ActiveModel = row.into();
@@ -153,11 +124,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            device_pool::Entity::find_by_id(id.0)
-                .filter(device_pool::Column::OrganizationId.eq(organization_id.0))
-                .one(&write.txn)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+            DEVICE_POOLS.row(&write.txn, organization_id.0, id.0).await?;
             let devices = device::Entity::find().filter(device::Column::PoolId.eq(id.0)).count(&write.txn).await?;
             if devices > 0 {
                 return Err(StoreError::Conflict {

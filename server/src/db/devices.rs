@@ -17,11 +17,19 @@ use sea_orm::{
 };
 
 use super::entities::{device, device_pool, placement};
+use super::scoped::Scoped;
 use super::{
-    Db, PageRequest, StoreError, check_revision, enum_from_text, enum_text, name_taken, page, parse, parse_json,
-    revision, to_json,
+    Db, PageRequest, StoreError, check_revision, enum_from_text, enum_text, parse, parse_json, revision, to_json,
 };
 use crate::secrets::NewSecret;
+
+/// How devices are read within an organization.
+const DEVICES: Scoped<device::Entity> = Scoped {
+    organization: device::Column::OrganizationId,
+    id: device::Column::Id,
+    name: Some(device::Column::Name),
+    row_id: |row| row.id,
+};
 
 pub(super) fn to_model(row: device::Model) -> Result<Device, StoreError> {
     let labels: BTreeMap<LabelKey, String> = parse_json("device labels", &row.labels)?;
@@ -80,11 +88,7 @@ async fn allocate(
 
 impl Db {
     pub async fn device(&self, organization_id: OrganizationId, id: DeviceId) -> Result<Device, StoreError> {
-        let row = device::Entity::find_by_id(id.0)
-            .filter(device::Column::OrganizationId.eq(organization_id.0))
-            .one(&self.conn)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let row = DEVICES.row(&self.conn, organization_id.0, id.0).await?;
         to_model(row)
     }
 
@@ -93,15 +97,7 @@ impl Db {
         organization_id: OrganizationId,
         request: &PageRequest,
     ) -> Result<Page<Device>, StoreError> {
-        let mut query = device::Entity::find().filter(device::Column::OrganizationId.eq(organization_id.0));
-        if let Some(name) = &request.name {
-            query = query.filter(device::Column::Name.eq(name.as_str()));
-        }
-        if let Some(after) = request.after {
-            query = query.filter(device::Column::Id.gt(after));
-        }
-        let rows = query.order_by_asc(device::Column::Id).limit(request.limit + 1).all(&self.conn).await?;
-        page(rows, request.limit, |row| row.id, to_model)
+        DEVICES.page(&self.conn, organization_id.0, request, to_model).await
     }
 
     /// Creates a device with the lowest free address of its pool and a one-time enrollment
@@ -120,17 +116,7 @@ impl Db {
                 .one(&write.txn)
                 .await?
                 .ok_or_else(|| StoreError::invalid("pool_id", format!("no device pool {}", spec.pool_id)))?;
-            if name_taken::<device::Entity, _>(
-                &write.txn,
-                device::Column::OrganizationId,
-                device::Column::Name,
-                device::Column::Id,
-                organization_id.0,
-                spec.name.as_str(),
-                None,
-            )
-            .await?
-            {
+            if DEVICES.name_taken(&write.txn, organization_id.0, spec.name.as_str(), None).await? {
                 return Err(StoreError::conflict("name", format!("a device named {} already exists", spec.name)));
             }
             let cidr: TunnelCidr = parse("pool tunnel network", &pool.tunnel_cidr)?;
@@ -177,11 +163,7 @@ impl Db {
     ) -> Result<Device, StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            let row = device::Entity::find_by_id(id.0)
-                .filter(device::Column::OrganizationId.eq(organization_id.0))
-                .one(&write.txn)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+            let row = DEVICES.row(&write.txn, organization_id.0, id.0).await?;
             check_revision(expected, row.revision)?;
             let current = to_model(row.clone())?;
             if current.spec.pool_id != spec.pool_id {
@@ -193,17 +175,7 @@ impl Db {
             if current.spec == *spec {
                 return Ok(current);
             }
-            if name_taken::<device::Entity, _>(
-                &write.txn,
-                device::Column::OrganizationId,
-                device::Column::Name,
-                device::Column::Id,
-                organization_id.0,
-                spec.name.as_str(),
-                Some(id.0),
-            )
-            .await?
-            {
+            if DEVICES.name_taken(&write.txn, organization_id.0, spec.name.as_str(), Some(id.0)).await? {
                 return Err(StoreError::conflict("name", format!("a device named {} already exists", spec.name)));
             }
             let mut active: device::ActiveModel = row.into();
@@ -222,11 +194,7 @@ impl Db {
     pub async fn delete_device(&self, organization_id: OrganizationId, id: DeviceId) -> Result<(), StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            device::Entity::find_by_id(id.0)
-                .filter(device::Column::OrganizationId.eq(organization_id.0))
-                .one(&write.txn)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+            DEVICES.row(&write.txn, organization_id.0, id.0).await?;
             let placements =
                 placement::Entity::find().filter(placement::Column::DeviceId.eq(id.0)).count(&write.txn).await?;
             if placements > 0 {

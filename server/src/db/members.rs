@@ -3,13 +3,19 @@
 //! sees its own memberships.
 
 use edgible::model::{Member, MemberId, MemberSpec, OrganizationId, Page, Revision, Role, UserId};
-use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
-    Set,
-};
+use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, Set};
 
 use super::entities::{member, user};
-use super::{Db, PageRequest, StoreError, Write, check_revision, enum_from_text, enum_text, page, revision};
+use super::scoped::Scoped;
+use super::{Db, PageRequest, StoreError, Write, check_revision, enum_from_text, enum_text, revision};
+
+/// How memberships are read within an organization; their listing filters by e-mail address.
+const MEMBERS: Scoped<member::Entity> = Scoped {
+    organization: member::Column::OrganizationId,
+    id: member::Column::Id,
+    name: Some(member::Column::Email),
+    row_id: |row| row.id,
+};
 
 fn to_model(row: member::Model) -> Result<Member, StoreError> {
     Ok(Member {
@@ -64,11 +70,7 @@ async fn check_other_owner(
 
 impl Db {
     pub async fn member(&self, organization_id: OrganizationId, id: MemberId) -> Result<Member, StoreError> {
-        let row = member::Entity::find_by_id(id.0)
-            .filter(member::Column::OrganizationId.eq(organization_id.0))
-            .one(&self.conn)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let row = MEMBERS.row(&self.conn, organization_id.0, id.0).await?;
         to_model(row)
     }
 
@@ -78,15 +80,7 @@ impl Db {
         organization_id: OrganizationId,
         request: &PageRequest,
     ) -> Result<Page<Member>, StoreError> {
-        let mut query = member::Entity::find().filter(member::Column::OrganizationId.eq(organization_id.0));
-        if let Some(email) = &request.name {
-            query = query.filter(member::Column::Email.eq(email.as_str()));
-        }
-        if let Some(after) = request.after {
-            query = query.filter(member::Column::Id.gt(after));
-        }
-        let rows = query.order_by_asc(member::Column::Id).limit(request.limit + 1).all(&self.conn).await?;
-        page(rows, request.limit, |row| row.id, to_model)
+        MEMBERS.page(&self.conn, organization_id.0, request, to_model).await
     }
 
     pub async fn create_member(
@@ -133,11 +127,7 @@ impl Db {
     ) -> Result<Member, StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            let row = member::Entity::find_by_id(id.0)
-                .filter(member::Column::OrganizationId.eq(organization_id.0))
-                .one(&write.txn)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+            let row = MEMBERS.row(&write.txn, organization_id.0, id.0).await?;
             check_revision(expected, row.revision)?;
             let current = to_model(row.clone())?;
             if current.spec.email != spec.email {
@@ -166,11 +156,7 @@ impl Db {
     pub async fn delete_member(&self, organization_id: OrganizationId, id: MemberId) -> Result<(), StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            let row = member::Entity::find_by_id(id.0)
-                .filter(member::Column::OrganizationId.eq(organization_id.0))
-                .one(&write.txn)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+            let row = MEMBERS.row(&write.txn, organization_id.0, id.0).await?;
             if enum_from_text::<Role>("member role", &row.role)? == Role::Owner {
                 check_other_owner(&write.txn, organization_id, id, None).await?;
             }

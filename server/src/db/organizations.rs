@@ -7,16 +7,24 @@ use edgible::model::{
     Name, Organization, OrganizationCreated, OrganizationId, OrganizationSpec, Page, Revision, Scope,
 };
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
-    Set,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect, Set,
 };
 
 use super::entities::{
     api_key, application, application_hostname, application_status, device, device_pool, event, member, organization,
     placement,
 };
-use super::{Db, PageRequest, StoreError, Write, api_keys, check_revision, page, parse, revision};
+use super::scoped::Scoped;
+use super::{Db, PageRequest, StoreError, Write, api_keys, check_revision, parse, revision};
 use crate::secrets::NewSecret;
+
+/// How organizations are read: a key only ever sees its own, so each is scoped by its own id.
+const ORGANIZATIONS: Scoped<organization::Entity> = Scoped {
+    organization: organization::Column::Id,
+    id: organization::Column::Id,
+    name: Some(organization::Column::Name),
+    row_id: |row| row.id,
+};
 
 /// The name of the key made with a new organization.
 const ADMIN_KEY_NAME: &str = "admin";
@@ -45,15 +53,7 @@ impl Db {
         own: OrganizationId,
         request: &PageRequest,
     ) -> Result<Page<Organization>, StoreError> {
-        let mut query = organization::Entity::find().filter(organization::Column::Id.eq(own.0));
-        if let Some(name) = &request.name {
-            query = query.filter(organization::Column::Name.eq(name.as_str()));
-        }
-        if let Some(after) = request.after {
-            query = query.filter(organization::Column::Id.gt(after));
-        }
-        let rows = query.order_by_asc(organization::Column::Id).limit(request.limit + 1).all(&self.conn).await?;
-        page(rows, request.limit, |row| row.id, to_model)
+        ORGANIZATIONS.page(&self.conn, own.0, request, to_model).await
     }
 
     /// Creates an organization with a first key of scope `admin`.

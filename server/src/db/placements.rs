@@ -6,12 +6,20 @@ use edgible::model::{
     Revision,
 };
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
-    Set,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect, Set,
 };
 
 use super::entities::{application, application_status, device, device_pool, placement};
-use super::{Db, PageRequest, StoreError, check_revision, enum_from_text, page, parse, revision};
+use super::scoped::Scoped;
+use super::{Db, PageRequest, StoreError, check_revision, enum_from_text, parse, revision};
+
+/// How placements are read within an organization; they have no name to filter by.
+const PLACEMENTS: Scoped<placement::Entity> = Scoped {
+    organization: placement::Column::OrganizationId,
+    id: placement::Column::Id,
+    name: None,
+    row_id: |row| row.id,
+};
 
 const SERVING_DEVICE: &str = "serving-device";
 const CLOUD: &str = "cloud";
@@ -116,11 +124,7 @@ async fn forget_status(conn: &impl ConnectionTrait, application_id: ApplicationI
 
 impl Db {
     pub async fn placement(&self, organization_id: OrganizationId, id: PlacementId) -> Result<Placement, StoreError> {
-        let row = placement::Entity::find_by_id(id.0)
-            .filter(placement::Column::OrganizationId.eq(organization_id.0))
-            .one(&self.conn)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let row = PLACEMENTS.row(&self.conn, organization_id.0, id.0).await?;
         to_model(row)
     }
 
@@ -130,15 +134,7 @@ impl Db {
         organization_id: OrganizationId,
         request: &PageRequest,
     ) -> Result<Page<Placement>, StoreError> {
-        if request.name.is_some() {
-            return Ok(Page { items: Vec::new(), next_cursor: None });
-        }
-        let mut query = placement::Entity::find().filter(placement::Column::OrganizationId.eq(organization_id.0));
-        if let Some(after) = request.after {
-            query = query.filter(placement::Column::Id.gt(after));
-        }
-        let rows = query.order_by_asc(placement::Column::Id).limit(request.limit + 1).all(&self.conn).await?;
-        page(rows, request.limit, |row| row.id, to_model)
+        PLACEMENTS.page(&self.conn, organization_id.0, request, to_model).await
     }
 
     pub async fn create_placement(
@@ -191,11 +187,7 @@ impl Db {
     ) -> Result<Placement, StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            let row = placement::Entity::find_by_id(id.0)
-                .filter(placement::Column::OrganizationId.eq(organization_id.0))
-                .one(&write.txn)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+            let row = PLACEMENTS.row(&write.txn, organization_id.0, id.0).await?;
             check_revision(expected, row.revision)?;
             let current = to_model(row.clone())?;
             if current.spec.application_id() != spec.application_id() {
@@ -233,11 +225,7 @@ impl Db {
     pub async fn delete_placement(&self, organization_id: OrganizationId, id: PlacementId) -> Result<(), StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            let row = placement::Entity::find_by_id(id.0)
-                .filter(placement::Column::OrganizationId.eq(organization_id.0))
-                .one(&write.txn)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+            let row = PLACEMENTS.row(&write.txn, organization_id.0, id.0).await?;
             let current = to_model(row)?;
             placement::Entity::delete_by_id(id.0).exec(&write.txn).await?;
             write.change_desired(&crate::desired::placement_devices(Some(&current.spec), None)).await?;
