@@ -98,6 +98,15 @@ impl Backoff {
         }
     }
 
+    /// Jumps to the largest ceiling, as after many failures: for a failure that retrying soon
+    /// cannot fix.
+    pub fn saturate(&mut self) {
+        while self.ceiling() < self.policy.max && self.failures < 32 {
+            self.failures += 1;
+        }
+        self.healthy_since = None;
+    }
+
     /// Forgets every failure, for example because what failed was replaced.
     pub fn reset(&mut self) {
         self.failures = 0;
@@ -174,6 +183,17 @@ mod tests {
         assert!(backoff.healthy(start + Duration::from_secs(10)));
         assert_eq!(backoff.failures(), 0);
         assert_eq!(backoff.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn saturating_jumps_to_the_largest_ceiling() {
+        let mut backoff = Backoff::new(policy());
+        backoff.saturate();
+        assert_eq!(backoff.ceiling(), Duration::from_secs(2));
+        assert_eq!(backoff.failure(&mut Fraction(1.0)), Duration::from_secs(2));
+        let mut unbounded = Backoff::new(BackoffPolicy { max: Duration::MAX, ..policy() });
+        unbounded.saturate();
+        assert_eq!(unbounded.failures(), 32, "an unbounded maximum does not loop forever");
     }
 
     #[test]

@@ -1,6 +1,10 @@
-//! The Edgible device agent's local core: everything that runs workloads on a device without
-//! needing the server. The push session (`control`) and the binary build on it.
+//! The Edgible device agent: a local core that runs workloads on a device without needing the
+//! server, and the push session that keeps it in step with the server.
 //!
+//! - [`enroll`]: the device's key pair and credential, and the identity it keeps.
+//! - [`control`]: the push session (WebSocket) with reconnects, acks and reports.
+//! - [`service`]: `edgible-agent run`, wiring the reconciler, drivers and session together.
+//! - [`config`]: the binary's command line.
 //! - [`reconcile`]: desired state with revision ordering, the pure plan, and the apply loop.
 //! - [`driver`]: the [`driver::Driver`] trait, the `process` and `container` drivers.
 //! - [`health`]: HTTP and TCP health checks and the phases they lead to.
@@ -9,10 +13,15 @@
 //! - [`logs`], [`events`]: bounded buffers of workload output and lifecycle events.
 
 pub mod backoff;
+pub mod config;
+pub mod control;
 pub mod driver;
+pub mod enroll;
 pub mod events;
 pub mod health;
 pub mod logs;
+pub mod proxy;
 pub mod reconcile;
+pub mod service;
 pub mod state;
 mod tasks;

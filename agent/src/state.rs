@@ -3,7 +3,8 @@
 //! ```text
 //! STATE_DIR/            mode 0700
 //!   state.json          mode 0600: last desired state, applied revision, what runs
-//!   secrets/NAME        mode 0600: the device credential, private keys
+//!   identity.json       mode 0600: the server, the device id and public key (`enroll`)
+//!   secrets/NAME        mode 0600: the device credential, the WireGuard private key
 //!   logs/               output files of process workloads
 //!   lock                held (flock) by the agent that uses the directory
 //! ```
@@ -39,7 +40,7 @@ pub enum StateError {
     Corrupt { path: PathBuf, source: serde_json::Error },
     #[error("{path} has format {found}; this agent reads format {STATE_FORMAT}")]
     Format { path: PathBuf, found: u32 },
-    #[error("{0:?} is not a valid secret name (letters, digits, '-', '_' and '.')")]
+    #[error("{0:?} is not a valid file name (letters, digits, '-', '_' and '.')")]
     SecretName(String),
     #[error("another agent uses the state directory {0}")]
     Locked(PathBuf),
@@ -167,13 +168,36 @@ impl StateDir {
         }
     }
 
-    fn secret_path(&self, name: &str) -> Result<PathBuf, StateError> {
-        let valid = !name.is_empty()
-            && name.len() <= 64
-            && !name.starts_with('.')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if valid { Ok(self.root.join("secrets").join(name)) } else { Err(StateError::SecretName(name.to_owned())) }
+    /// Stores a file that is not secret (the enrollment identity) at the top of the directory,
+    /// atomically and private all the same: the directory is nobody else's business.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, StateError> {
+        let path = self.root.join(checked_name(name)?);
+        write_atomically(&path, bytes)?;
+        Ok(path)
     }
+
+    /// Reads a file written by [`StateDir::write_file`], `None` if it was never written.
+    pub fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let path = self.root.join(checked_name(name)?);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(io_error("read", &path)(error)),
+        }
+    }
+
+    fn secret_path(&self, name: &str) -> Result<PathBuf, StateError> {
+        Ok(self.root.join("secrets").join(checked_name(name)?))
+    }
+}
+
+/// A file name that stays inside its directory and is not a temporary file's.
+fn checked_name(name: &str) -> Result<&str, StateError> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid { Ok(name) } else { Err(StateError::SecretName(name.to_owned())) }
 }
 
 /// Exclusive use of a state directory; released when dropped.
@@ -301,5 +325,16 @@ mod tests {
         for bad in ["", "../state.json", "a/b", ".hidden"] {
             assert!(matches!(dir.write_secret(bad, b"x"), Err(StateError::SecretName(_))), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn plain_files_are_written_atomically_and_privately() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = StateDir::open(temp.path()).expect("open");
+        assert_eq!(dir.read_file("identity.json").expect("read"), None);
+        let path = dir.write_file("identity.json", b"{}").expect("write");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(dir.read_file("identity.json").expect("read").as_deref(), Some(&b"{}"[..]));
+        assert!(matches!(dir.write_file("../escape", b"x"), Err(StateError::SecretName(_))));
     }
 }

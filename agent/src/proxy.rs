@@ -1,0 +1,350 @@
+//! The device proxy: the only listener of a device, bound to its tunnel address.
+//!
+//! Every connection comes from an edge: the source address must be one of the configured edge
+//! addresses (anything else is closed at once), and the stream starts with a PROXY protocol v2
+//! header carrying the real client address. Then rustls terminates TLS with the certificate
+//! of the SNI name, and the connection is served either as HTTP/1.1 or HTTP/2 (reverse proxied
+//! to the workload on `127.0.0.1:PORT`, see [`http`]) or, for raw applications, spliced as
+//! plaintext TCP to the workload.
+//!
+//! - [`proxy_protocol`]: the pure PROXY v2 decoder.
+//! - [`tls`]: the certificate store, swappable while connections run, and the SNI resolver.
+//! - [`http`]: the reverse proxy service.
+//! - `idle`: the raw mode's splice with an idle timeout.
+
+pub mod http;
+mod idle;
+pub mod proxy_protocol;
+pub mod tls;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use thiserror::Error;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use self::proxy_protocol::{FIXED_LEN, ProxyHeader};
+pub use self::tls::{CertificateError, CertificateStore};
+
+/// Why the proxy could not start.
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind { address: SocketAddr, source: std::io::Error },
+    #[error("cannot build the TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// How the proxy listens and how long it waits.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The address to listen on: the device's tunnel address and port 443 in production.
+    pub listen: SocketAddr,
+    /// The only source addresses accepted: the tunnel addresses of the pool's edges.
+    pub edges: HashSet<IpAddr>,
+    /// How long a new connection may take to send its PROXY header and finish the TLS
+    /// handshake.
+    pub handshake_timeout: Duration,
+    /// How long the proxy waits to connect to the workload before answering 502.
+    pub connect_timeout: Duration,
+    /// How long an HTTP/1.1 client may take to send request headers (also on a kept-alive
+    /// connection, which bounds idle connections), and the HTTP/2 keep-alive ping interval and
+    /// timeout that close dead connections.
+    pub header_timeout: Duration,
+    /// How long a raw TCP connection may carry no byte in either direction before it is
+    /// closed.
+    pub idle_timeout: Duration,
+}
+
+impl ProxyConfig {
+    /// Defaults for the timeouts: 10 s handshake, 5 s connect, 30 s headers, 5 min raw idle.
+    pub fn new(listen: SocketAddr, edges: impl IntoIterator<Item = IpAddr>) -> Self {
+        Self {
+            listen,
+            edges: edges.into_iter().collect(),
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Where the connections of a hostname go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The workload's port on 127.0.0.1.
+    pub port: u16,
+    /// Splice the decrypted stream as raw TCP instead of speaking HTTP.
+    pub raw_tcp: bool,
+}
+
+/// The route table, hostname (or `*.`-wildcard) to [`Route`], which the reconciler updates
+/// while connections run; each connection looks its route up once, after the handshake.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: RwLock<HashMap<String, Route>>,
+}
+
+impl RouteTable {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn insert(&self, hostname: &str, route: Route) {
+        self.write().insert(hostname.to_ascii_lowercase(), route);
+    }
+
+    pub fn remove(&self, hostname: &str) -> bool {
+        self.write().remove(&hostname.to_ascii_lowercase()).is_some()
+    }
+
+    /// Replaces the whole table at once, so that no connection sees half an update.
+    pub fn replace(&self, routes: impl IntoIterator<Item = (String, Route)>) {
+        let routes = routes.into_iter().map(|(name, route)| (name.to_ascii_lowercase(), route)).collect();
+        *self.write() = routes;
+    }
+
+    pub fn find(&self, hostname: &str) -> Option<Route> {
+        let routes = self.routes.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        tls::lookup(&routes, hostname).copied()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Route>> {
+        // Every write is one map operation, so a poisoned lock still guards a consistent map.
+        self.routes.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Counters of what happened to connections and requests, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct ProxyMetrics {
+    /// Connections from an address that is not an edge, closed without reading.
+    pub refused_source: AtomicU64,
+    /// Connections without a valid PROXY v2 header (or too slow to send one).
+    pub bad_proxy_header: AtomicU64,
+    /// Failed or timed out TLS handshakes, including unknown SNI names.
+    pub tls_failed: AtomicU64,
+    /// Handshakes for a name that has a certificate but no route.
+    pub no_route: AtomicU64,
+    /// Connections that reached HTTP or raw TCP serving.
+    pub served_connections: AtomicU64,
+    /// HTTP requests received.
+    pub requests: AtomicU64,
+    /// Requests answered 421 because Host did not match SNI.
+    pub misdirected: AtomicU64,
+    /// Requests answered 502 because the workload could not be reached.
+    pub bad_gateway: AtomicU64,
+}
+
+impl ProxyMetrics {
+    pub(crate) fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A bound proxy, ready to [`Proxy::run`].
+pub struct Proxy {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// What every connection task needs.
+struct Shared {
+    config: ProxyConfig,
+    acceptor: TlsAcceptor,
+    routes: Arc<RouteTable>,
+    metrics: Arc<ProxyMetrics>,
+}
+
+impl Proxy {
+    /// Binds the listener; certificates and routes are read from `certificates` and `routes`
+    /// at each connection, so both may change while the proxy runs.
+    pub async fn bind(
+        config: ProxyConfig,
+        certificates: Arc<CertificateStore>,
+        routes: Arc<RouteTable>,
+    ) -> Result<Self, ProxyError> {
+        let tls_config = tls::server_config(certificates)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ProxyError::Bind { address: config.listen, source })?;
+        let shared = Shared {
+            config,
+            acceptor: TlsAcceptor::from(Arc::new(tls_config)),
+            routes,
+            metrics: Arc::new(ProxyMetrics::default()),
+        };
+        Ok(Self { listener, shared: Arc::new(shared) })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn metrics(&self) -> Arc<ProxyMetrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Accepts connections until `shutdown` turns true (or its sender is dropped). Running
+    /// connections are not awaited: they end with their clients or their timeouts.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        if !self.shared.config.edges.contains(&peer.ip()) {
+                            ProxyMetrics::count(&self.shared.metrics.refused_source);
+                            debug!(%peer, "refused a connection from an address that is not an edge");
+                            drop(stream);
+                            continue;
+                        }
+                        tokio::spawn(serve_connection(self.shared.clone(), stream, peer));
+                    }
+                    // Accept errors (too many open files, a connection reset before accept)
+                    // concern one connection or are transient; back off a little and go on.
+                    Err(error) => {
+                        warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                // The guard `wait_for` returns is not `Send`; drop it inside the branch future.
+                _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => return,
+            }
+        }
+    }
+}
+
+/// Reads exactly the PROXY v2 header from `stream`, so that the TLS bytes behind it stay in the
+/// socket for rustls.
+async fn read_proxy_header(stream: &mut TcpStream) -> Result<ProxyHeader, std::io::Error> {
+    let invalid =
+        |error: proxy_protocol::ProxyProtocolError| std::io::Error::new(std::io::ErrorKind::InvalidData, error);
+    let mut fixed = [0u8; FIXED_LEN];
+    stream.read_exact(&mut fixed).await?;
+    let total = proxy_protocol::header_len(&fixed).map_err(invalid)?;
+    let mut header = vec![0u8; total];
+    header[..FIXED_LEN].copy_from_slice(&fixed);
+    stream.read_exact(&mut header[FIXED_LEN..]).await?;
+    match proxy_protocol::decode(&header).map_err(invalid)? {
+        Some((decoded, _)) => Ok(decoded),
+        // `header_len` and `decode` read the same length field, so a complete buffer is never
+        // reported incomplete; treat it as invalid rather than trust that.
+        None => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "incomplete PROXY header")),
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    let metrics = &shared.metrics;
+    // One deadline for the PROXY header and the TLS handshake together.
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let header = match tokio::time::timeout_at(deadline, read_proxy_header(&mut stream)).await {
+        Ok(Ok(header)) => header,
+        Ok(Err(error)) => {
+            ProxyMetrics::count(&metrics.bad_proxy_header);
+            debug!(%peer, %error, "closed a connection without a valid PROXY v2 header");
+            return;
+        }
+        Err(_) => {
+            ProxyMetrics::count(&metrics.bad_proxy_header);
+            debug!(%peer, "closed a connection that sent no PROXY v2 header in time");
+            return;
+        }
+    };
+    let client = match header {
+        ProxyHeader::Proxied { source, .. } => source,
+        ProxyHeader::Local => peer,
+    };
+    let _ = stream.set_nodelay(true);
+    let tls = match tokio::time::timeout_at(deadline, shared.acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            ProxyMetrics::count(&metrics.tls_failed);
+            debug!(%client, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            ProxyMetrics::count(&metrics.tls_failed);
+            debug!(%client, "TLS handshake timed out");
+            return;
+        }
+    };
+    // The resolver refuses handshakes without SNI, so a finished handshake has a name.
+    let Some(server_name) = tls.get_ref().1.server_name().map(str::to_owned) else {
+        ProxyMetrics::count(&metrics.tls_failed);
+        return;
+    };
+    let Some(route) = shared.routes.find(&server_name) else {
+        ProxyMetrics::count(&metrics.no_route);
+        debug!(%client, %server_name, "no route for the name");
+        return;
+    };
+    ProxyMetrics::count(&metrics.served_connections);
+    if route.raw_tcp {
+        splice_raw(tls, route.port, &shared.config, client).await;
+        return;
+    }
+    let service = http::ProxyService::new(http::RequestContext {
+        server_name,
+        client,
+        port: route.port,
+        connect_timeout: shared.config.connect_timeout,
+        metrics: shared.metrics.clone(),
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(shared.config.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(shared.config.header_timeout)
+        .keep_alive_timeout(shared.config.header_timeout);
+    let io = TokioIo::new(tls);
+    if let Err(error) = builder
+        .serve_connection_with_upgrades(
+            io,
+            hyper::service::service_fn(move |request| {
+                let service = service.clone();
+                async move { service.handle(request).await }
+            }),
+        )
+        .await
+    {
+        debug!(%client, %error, "HTTP connection ended with an error");
+    }
+}
+
+/// Raw mode: the decrypted stream is copied to and from the workload until both sides close
+/// or the connection idles out.
+async fn splice_raw(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    port: u16,
+    config: &ProxyConfig,
+    client: SocketAddr,
+) {
+    let upstream =
+        tokio::time::timeout(config.connect_timeout, TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))).await;
+    let upstream = match upstream {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(error)) => {
+            debug!(%client, port, %error, "workload refused a raw connection");
+            return;
+        }
+        Err(_) => {
+            debug!(%client, port, "connecting to the workload timed out");
+            return;
+        }
+    };
+    if let Err(error) = idle::copy_bidirectional_with_idle_timeout(tls, upstream, config.idle_timeout).await {
+        debug!(%client, %error, "raw connection ended with an error");
+    }
+}

@@ -1,0 +1,289 @@
+//! The reverse proxy service: one per TLS connection, forwarding each request to the workload
+//! on `127.0.0.1:PORT` over HTTP/1.1 with streaming bodies both ways and upgrade pass-through.
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Uri};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::ProxyMetrics;
+
+/// The body of every answer: the workload's streamed body, or a small page of our own.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 section 7.6.1), plus the
+/// non-standard ones clients still send.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Identity headers the device's access policies will set; a client must never supply them.
+const IDENTITY_HEADERS: [HeaderName; 2] =
+    [HeaderName::from_static("x-edgible-user"), HeaderName::from_static("x-edgible-email")];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// What the service knows about its connection.
+#[derive(Debug)]
+pub struct RequestContext {
+    /// The SNI name of the TLS connection, which every request's host must match.
+    pub server_name: String,
+    /// The real client address, from the PROXY v2 header.
+    pub client: SocketAddr,
+    /// The workload's port on 127.0.0.1.
+    pub port: u16,
+    pub connect_timeout: Duration,
+    pub metrics: Arc<ProxyMetrics>,
+}
+
+/// The per-connection service handed to hyper; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ProxyService {
+    context: Arc<RequestContext>,
+}
+
+impl ProxyService {
+    pub fn new(context: RequestContext) -> Self {
+        Self { context: Arc::new(context) }
+    }
+
+    /// Answers one request: 421 when its host is not the SNI name, 502 when the workload is
+    /// unreachable, otherwise the workload's answer.
+    pub async fn handle(&self, mut request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+        let context = &self.context;
+        ProxyMetrics::count(&context.metrics.requests);
+        let Some(authority) = matching_authority(&request, &context.server_name) else {
+            ProxyMetrics::count(&context.metrics.misdirected);
+            return Ok(page(
+                StatusCode::MISDIRECTED_REQUEST,
+                "Misdirected request",
+                "This host is not served on this connection.",
+            ));
+        };
+        let upgrade = upgrade_protocol(&request);
+        // Must be taken before the request is consumed: it resolves once hyper has sent our
+        // 101 answer and hands over the client's raw stream.
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+
+        let upstream_request = match self.upstream_request(request, &authority, upgrade) {
+            Ok(upstream_request) => upstream_request,
+            Err(error) => {
+                debug!(%error, "cannot rebuild the request for the workload");
+                return Ok(page(StatusCode::BAD_REQUEST, "Bad request", "The request could not be forwarded."));
+            }
+        };
+        let mut response = match self.send(upstream_request).await {
+            Ok(response) => response,
+            Err(error) => {
+                ProxyMetrics::count(&context.metrics.bad_gateway);
+                debug!(port = context.port, %error, "workload unreachable");
+                return Ok(page(
+                    StatusCode::BAD_GATEWAY,
+                    "Bad gateway",
+                    "The application is not answering right now. Please try again in a moment.",
+                ));
+            }
+        };
+
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        match client_upgrade {
+            Some(client_upgrade) if switching => {
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                let client = context.client;
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((client_io, upstream_io)) => {
+                            let mut client_io = TokioIo::new(client_io);
+                            let mut upstream_io = TokioIo::new(upstream_io);
+                            if let Err(error) = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await {
+                                debug!(%client, %error, "upgraded connection ended with an error");
+                            }
+                        }
+                        Err(error) => debug!(%client, %error, "upgrade failed"),
+                    }
+                });
+                // The 101 answer keeps its `Connection: upgrade` and `Upgrade` headers: they are
+                // the hop's agreement that the client needs to see.
+                let upgrade_headers = (
+                    response.headers().get(header::CONNECTION).cloned(),
+                    response.headers().get(header::UPGRADE).cloned(),
+                );
+                strip_hop_by_hop(response.headers_mut());
+                if let (Some(connection), Some(protocol)) = upgrade_headers {
+                    response.headers_mut().insert(header::CONNECTION, connection);
+                    response.headers_mut().insert(header::UPGRADE, protocol);
+                }
+            }
+            _ => strip_hop_by_hop(response.headers_mut()),
+        }
+        Ok(response.map(BodyExt::boxed))
+    }
+
+    /// The request as the workload sees it: origin-form URI over HTTP/1.1, the client's host,
+    /// no hop-by-hop or identity headers, and `X-Forwarded-*` set by us alone.
+    fn upstream_request(
+        &self,
+        request: Request<Incoming>,
+        authority: &str,
+        upgrade: Option<HeaderValue>,
+    ) -> Result<Request<Incoming>, http::Error> {
+        let (mut parts, body) = request.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |path| path.as_str());
+        parts.uri = Uri::builder().path_and_query(path).build()?;
+        parts.version = Version::HTTP_11;
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers);
+        for name in IDENTITY_HEADERS {
+            headers.remove(name);
+        }
+        if let Some(protocol) = upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, protocol);
+        }
+        // The client's own `X-Forwarded-*` values are not trusted: we are the first proxy that
+        // knows the real address, so ours replace them.
+        headers.insert(header::HOST, HeaderValue::from_str(authority)?);
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_str(&self.context.client.ip().to_string())?);
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        headers.insert(X_FORWARDED_HOST, HeaderValue::from_str(authority)?);
+        Ok(Request::from_parts(parts, body))
+    }
+
+    /// Opens a connection to the workload and sends the request on it. One connection per
+    /// request keeps the proxy simple; the workload is on loopback, where connecting is cheap.
+    async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        let address = (Ipv4Addr::LOCALHOST, self.context.port);
+        let stream = tokio::time::timeout(self.context.connect_timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout)?
+            .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Http)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                debug!(%error, "workload connection ended with an error");
+            }
+        });
+        sender.send_request(request).await.map_err(UpstreamError::Http)
+    }
+}
+
+/// Why the workload gave no answer.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("connecting to the workload timed out")]
+    ConnectTimeout,
+    #[error("cannot connect to the workload: {0}")]
+    Connect(std::io::Error),
+    #[error("HTTP exchange with the workload failed: {0}")]
+    Http(hyper::Error),
+}
+
+/// The request's authority when every host it names (the URI's authority, which carries
+/// HTTP/2's `:authority`, and the `Host` header) is the SNI name; `None` otherwise, including
+/// when it names none.
+fn matching_authority(request: &Request<Incoming>, server_name: &str) -> Option<String> {
+    let from_uri = request.uri().authority().cloned();
+    let from_header = match request.headers().get(header::HOST) {
+        Some(value) => Some(value.to_str().ok()?.parse::<Authority>().ok()?),
+        None => None,
+    };
+    let mut authority = None;
+    for candidate in [from_uri, from_header].into_iter().flatten() {
+        let host = candidate.host().trim_end_matches('.');
+        if !host.eq_ignore_ascii_case(server_name.trim_end_matches('.')) {
+            return None;
+        }
+        authority.get_or_insert(candidate);
+    }
+    authority.map(|authority| authority.as_str().to_owned())
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade`).
+fn upgrade_protocol(request: &Request<Incoming>) -> Option<HeaderValue> {
+    if request.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = connection_tokens(request.headers()).any(|token| token.eq_ignore_ascii_case("upgrade"));
+    asks.then(|| request.headers().get(header::UPGRADE).cloned()).flatten()
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+/// Removes the standard hop-by-hop headers and those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> =
+        connection_tokens(headers).filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok()).collect();
+    for name in named.into_iter().chain(HOP_BY_HOP) {
+        headers.remove(name);
+    }
+}
+
+/// A small HTML page of our own.
+fn page(status: StatusCode, title: &str, message: &str) -> Response<ProxyBody> {
+    let html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{code} {title}</title></head>\
+         <body><h1>{code} {title}</h1><p>{message}</p></body></html>\n",
+        code = status.as_u16()
+    );
+    let mut response = Response::new(Full::new(Bytes::from(html)).map_err(|never| match never {}).boxed());
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key(header::CONTENT_LENGTH));
+    }
+
+    #[test]
+    fn error_pages_are_html() {
+        let response = page(StatusCode::BAD_GATEWAY, "Bad gateway", "down");
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
+    }
+}

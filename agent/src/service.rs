@@ -1,0 +1,108 @@
+//! `edgible-agent run`: builds the agent from its configuration and runs it until shutdown.
+//!
+//! The reconciler starts first, from what the state directory remembers, so workloads a
+//! previous agent left running are adopted and served whether or not the server answers; the
+//! push session starts beside it. On shutdown the session closes, then the reconciler ends,
+//! leaving the workloads running for the next agent unless told to stop them.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::backoff::RandomJitter;
+use crate::config::RunConfig;
+use crate::control::{self, ConnectError, ControlStats, HelloParams, WebSocketConnector};
+use crate::driver::{ContainerDriver, Driver, ProcessDriver};
+use crate::enroll::{Enrolled, IdentityError};
+use crate::reconcile::{Drivers, Reconciler, Shutdown};
+use crate::state::{StateDir, StateError};
+
+/// How long the container engine may take to answer at startup before the agent goes on
+/// without container workloads.
+const ENGINE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the enrolled server URL is unusable: {0}")]
+    Server(#[from] ConnectError),
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(config: &RunConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let state_dir = StateDir::open(&config.state_dir)?;
+    let enrolled = Enrolled::load(&state_dir)?;
+    let connector = WebSocketConnector::new(&enrolled.identity.server, &enrolled.credential)?;
+    let drivers = drivers(config).await;
+    let capabilities = drivers.kinds().iter().map(ToString::to_string).collect();
+    let reconciler = Reconciler::new(config.reconciler_config(), state_dir, drivers)?;
+    let identity = &enrolled.identity;
+    tracing::info!(
+        device = %identity.device_name,
+        device_id = %identity.device_id,
+        server = %identity.server,
+        ?capabilities,
+        "agent starting"
+    );
+    let reconciler = Arc::new(reconciler.spawn());
+    let hello = HelloParams {
+        device_id: identity.device_id,
+        public_key: identity.public_key.clone(),
+        capabilities,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+
+    let (stop, stopped) = watch::channel(false);
+    let control_config = config.control_config();
+    let local = Arc::clone(&reconciler);
+    let stats = Arc::new(ControlStats::default());
+    let session_stats = Arc::clone(&stats);
+    let mut session = tokio::spawn(async move {
+        control::run(&control_config, &hello, &connector, &local, &session_stats, &mut RandomJitter, stopped).await;
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    if tokio::time::timeout(config.drain_deadline(), &mut session).await.is_err() {
+        tracing::warn!("the push session did not end in time; dropping it");
+        session.abort();
+        let _ = session.await;
+    }
+    let mode = if config.stop_workloads_on_exit { Shutdown::StopWorkloads } else { Shutdown::LeaveRunning };
+    match Arc::try_unwrap(reconciler) {
+        Ok(reconciler) => reconciler.shutdown(mode).await,
+        // Unreachable: the session task, the only other holder, has ended. Dropping the last
+        // handle still ends the reconciler, leaving workloads running.
+        Err(_) => tracing::warn!("the reconciler is still shared; leaving workloads running"),
+    }
+    tracing::info!(
+        sessions = ControlStats::get(&stats.sessions),
+        frames_rejected = ControlStats::get(&stats.frames_rejected),
+        "agent stopped"
+    );
+    Ok(())
+}
+
+/// The process driver always; the container driver when an engine answers.
+async fn drivers(config: &RunConfig) -> Drivers {
+    let mut drivers: Vec<Arc<dyn Driver>> = vec![Arc::new(ProcessDriver::new(config.process_config()))];
+    if config.no_containers {
+        return Drivers::new(drivers);
+    }
+    let container = config.container_config();
+    if !container.socket.exists() {
+        tracing::info!(socket = %container.socket.display(), "no container engine socket: container workloads are unavailable");
+        return Drivers::new(drivers);
+    }
+    match tokio::time::timeout(ENGINE_PROBE_TIMEOUT, ContainerDriver::connect(container)).await {
+        Ok(Ok(driver)) => drivers.push(Arc::new(driver)),
+        Ok(Err(error)) => tracing::warn!(%error, "container workloads are unavailable"),
+        Err(_) => tracing::warn!("the container engine did not answer in time: container workloads are unavailable"),
+    }
+    Drivers::new(drivers)
+}
