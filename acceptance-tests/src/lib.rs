@@ -5,6 +5,7 @@
 //! Heavy tiers (terraform, namespaces, PostgreSQL, browsers) are gated by [`HEAVY_ENV`]; a test
 //! calls [`heavy_tier`] first and returns early, printing why, when it is not set.
 
+pub mod agent;
 pub mod cli;
 pub mod server;
 pub mod terraform;

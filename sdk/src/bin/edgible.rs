@@ -1,5 +1,6 @@
 //! The `edgible` command line: log in to a server, manage organizations, API keys, device
-//! pools, devices, applications and placements, and deploy stack files.
+//! pools, devices, applications and placements, deploy stack files, and read what devices
+//! report (status, logs, events).
 //!
 //! Each object kind has its own module with its clap arguments and handlers; [`plan`] is the
 //! pure stack diff and [`stack`] applies it. Handlers return `anyhow` errors with context
@@ -28,6 +29,10 @@ mod placements;
 mod plan;
 #[path = "edgible/pools.rs"]
 mod pools;
+#[path = "edgible/progress.rs"]
+mod progress;
+#[path = "edgible/reports.rs"]
+mod reports;
 #[path = "edgible/resolve.rs"]
 mod resolve;
 #[path = "edgible/stack.rs"]
@@ -80,6 +85,10 @@ enum Command {
     /// Stack files: declare applications and placements in one YAML file.
     #[command(subcommand)]
     Stack(stack::StackCommand),
+    /// Print an application's recent output, as its device reported it.
+    Logs(reports::LogsArgs),
+    /// Lifecycle events devices reported (started, exited, restarted, stopped), oldest first.
+    Events(reports::EventsArgs),
 }
 
 /// What every command handler gets: the output format and where to find the server.
@@ -134,6 +143,8 @@ async fn run(command: Command, context: &Context) -> anyhow::Result<()> {
         Command::App(command) => applications::run(command, context).await,
         Command::Placement(command) => placements::run(command, context).await,
         Command::Stack(command) => stack::run(command, context).await,
+        Command::Logs(args) => reports::logs(args, context).await,
+        Command::Events(args) => reports::events(args, context).await,
     }
 }
 

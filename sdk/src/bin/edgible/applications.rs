@@ -31,6 +31,11 @@ pub enum AppCommand {
         /// Name or id.
         application: String,
     },
+    /// Show what the application's device last reported: phase, message, revision.
+    Status {
+        /// Name or id.
+        application: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +155,7 @@ pub async fn run(command: AppCommand, context: &Context) -> anyhow::Result<()> {
                 .with_context(|| format!("deleting application {}", application.spec.name))?;
             println!("Deleted application {} ({}).", application.spec.name, application.id);
         }
+        AppCommand::Status { application } => crate::reports::app_status(&client, &application, context).await?,
     }
     Ok(())
 }

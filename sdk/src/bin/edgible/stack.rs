@@ -1,5 +1,6 @@
 //! `edgible stack diff|deploy FILE`: read a stack file, plan against what the server holds
-//! (see [`crate::plan`]) and apply the plan with a progress display.
+//! (see [`crate::plan`]), apply the plan with a progress display, and wait until the devices
+//! run it (see [`crate::progress`]).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -16,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::Context;
 use crate::output::{Format, print_json};
 use crate::plan::{Change, ChangeView, Inventory, Summary, plan};
+use crate::progress::{self, parse_duration};
 
 #[derive(Debug, Subcommand)]
 pub enum StackCommand {
@@ -24,10 +26,17 @@ pub enum StackCommand {
         /// The stack file (YAML).
         file: PathBuf,
     },
-    /// Create or update the applications and placements a stack file declares.
+    /// Create or update the applications and placements a stack file declares, then show
+    /// each application's progress until it runs on its device.
     Deploy {
         /// The stack file (YAML).
         file: PathBuf,
+        /// Return once the server holds the stack, without waiting for devices to run it.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the applications to run: 90s, 5m, 1h (seconds without a unit).
+        #[arg(long, default_value = "5m", value_parser = parse_duration, conflicts_with = "no_wait")]
+        timeout: Duration,
     },
 }
 
@@ -35,7 +44,7 @@ pub async fn run(command: StackCommand, context: &Context) -> anyhow::Result<()>
     match command {
         StackCommand::Diff { file } => {
             let client = context.client()?;
-            let changes = prepare(&client, &file).await?;
+            let (_, changes) = prepare(&client, &file).await?;
             match context.format {
                 Format::Json => print_json(&changes.iter().map(Change::view).collect::<Vec<ChangeView>>())?,
                 Format::Table => {
@@ -52,9 +61,9 @@ pub async fn run(command: StackCommand, context: &Context) -> anyhow::Result<()>
                 }
             }
         }
-        StackCommand::Deploy { file } => {
+        StackCommand::Deploy { file, no_wait, timeout } => {
             let client = context.client()?;
-            let changes = prepare(&client, &file).await?;
+            let (stack, changes) = prepare(&client, &file).await?;
             let summary = Summary::of(&changes);
             if context.format == Format::Table {
                 print_plan(&changes);
@@ -75,14 +84,42 @@ pub async fn run(command: StackCommand, context: &Context) -> anyhow::Result<()>
                     summary.unchanged
                 ),
             }
+            if !no_wait {
+                wait_until_running(&client, &stack, timeout).await?;
+            }
         }
+    }
+    Ok(())
+}
+
+/// Shows each application's progress until it runs on its device; fails when one fails or
+/// the timeout passes.
+async fn wait_until_running(client: &Client, stack: &Stack, timeout: Duration) -> anyhow::Result<()> {
+    let names: Vec<Name> = stack.applications.iter().map(|application| application.spec.name.clone()).collect();
+    let (applications, placements, devices) = tokio::try_join!(
+        client.list_all::<Application>(),
+        client.list_all::<Placement>(),
+        client.list_all::<Device>(),
+    )
+    .context("reading the deployed applications, placements and devices")?;
+    let (targets, skipped) = progress::targets(&names, &applications, &placements, &devices);
+    for skip in &skipped {
+        eprintln!("{}: not waiting, {}", skip.name, skip.reason);
+    }
+    if targets.is_empty() {
+        return Ok(());
+    }
+    progress::wait(client, &targets, timeout).await?;
+    match targets.len() {
+        1 => eprintln!("The application runs on its device."),
+        count => eprintln!("All {count} applications run on their devices."),
     }
     Ok(())
 }
 
 /// Reads and checks the stack file and plans it against the server's objects. Nothing is
 /// written here, so any error leaves the server as it was.
-async fn prepare(client: &Client, file: &Path) -> anyhow::Result<Vec<Change>> {
+async fn prepare(client: &Client, file: &Path) -> anyhow::Result<(Stack, Vec<Change>)> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let stack = Stack::parse(&text).with_context(|| format!("invalid stack file {}", file.display()))?;
     let (applications, placements, devices, pools) = tokio::try_join!(
@@ -93,7 +130,8 @@ async fn prepare(client: &Client, file: &Path) -> anyhow::Result<Vec<Change>> {
     )
     .context("reading the organization's applications, placements, devices and pools")?;
     let inventory = Inventory { applications, placements, devices, pools };
-    plan(&stack, &text, &inventory).with_context(|| format!("cannot deploy {}", file.display()))
+    let changes = plan(&stack, &text, &inventory).with_context(|| format!("cannot deploy {}", file.display()))?;
+    Ok((stack, changes))
 }
 
 fn print_plan(changes: &[Change]) {
