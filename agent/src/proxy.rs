@@ -7,14 +7,13 @@
 //! to the workload on `127.0.0.1:PORT`, see [`http`]) or, for raw applications, spliced as
 //! plaintext TCP to the workload.
 //!
-//! - [`proxy_protocol`]: the pure PROXY v2 decoder.
+//! - [`edgible::proxy_protocol`]: the pure PROXY v2 codec, shared with the edge that encodes it.
 //! - [`tls`]: the certificate store, swappable while connections run, and the SNI resolver.
 //! - [`http`]: the reverse proxy service.
 //! - `idle`: the raw mode's splice with an idle timeout.
 
 pub mod http;
 mod idle;
-pub mod proxy_protocol;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet};
@@ -23,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use edgible::proxy_protocol::{self, Command, FIXED_LEN, Header, ProxyV2Error, Transport};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use thiserror::Error;
@@ -32,7 +32,6 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use self::proxy_protocol::{FIXED_LEN, ProxyHeader};
 pub use self::tls::{CertificateError, CertificateStore};
 
 /// Why the proxy could not start.
@@ -227,20 +226,26 @@ impl Proxy {
 
 /// Reads exactly the PROXY v2 header from `stream`, so that the TLS bytes behind it stay in the
 /// socket for rustls.
-async fn read_proxy_header(stream: &mut TcpStream) -> Result<ProxyHeader, std::io::Error> {
-    let invalid =
-        |error: proxy_protocol::ProxyProtocolError| std::io::Error::new(std::io::ErrorKind::InvalidData, error);
+async fn read_proxy_header(stream: &mut TcpStream) -> Result<Header, std::io::Error> {
+    let invalid = |error: ProxyV2Error| std::io::Error::new(std::io::ErrorKind::InvalidData, error);
     let mut fixed = [0u8; FIXED_LEN];
     stream.read_exact(&mut fixed).await?;
     let total = proxy_protocol::header_len(&fixed).map_err(invalid)?;
     let mut header = vec![0u8; total];
     header[..FIXED_LEN].copy_from_slice(&fixed);
     stream.read_exact(&mut header[FIXED_LEN..]).await?;
-    match proxy_protocol::decode(&header).map_err(invalid)? {
-        Some((decoded, _)) => Ok(decoded),
-        // `header_len` and `decode` read the same length field, so a complete buffer is never
-        // reported incomplete; treat it as invalid rather than trust that.
-        None => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "incomplete PROXY header")),
+    // `header_len` and `decode` read the same length field, so the complete buffer is never
+    // reported incomplete; were it, the error would close the connection like any other.
+    Ok(proxy_protocol::decode(&header).map_err(invalid)?.header)
+}
+
+/// The client a connection serves: the source address of a `PROXY` header relaying a TCP
+/// connection over IPv4 or IPv6, else (`LOCAL`, a health check of the edge itself, or a family
+/// or transport that is not a TCP client: UNSPEC, UNIX, UDP) the connection's own `peer`.
+fn client_address(header: &Header, peer: SocketAddr) -> SocketAddr {
+    match (header.command, header.transport, header.addresses.source()) {
+        (Command::Proxy, Transport::Stream, Some(source)) => source,
+        _ => peer,
     }
 }
 
@@ -261,10 +266,7 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
             return;
         }
     };
-    let client = match header {
-        ProxyHeader::Proxied { source, .. } => source,
-        ProxyHeader::Local => peer,
-    };
+    let client = client_address(&header, peer);
     let _ = stream.set_nodelay(true);
     let tls = match tokio::time::timeout_at(deadline, shared.acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
@@ -346,5 +348,48 @@ async fn splice_raw(
     };
     if let Err(error) = idle::copy_bidirectional_with_idle_timeout(tls, upstream, config.idle_timeout).await {
         debug!(%client, %error, "raw connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use edgible::proxy_protocol::{Addresses, decode, encode, encode_tcp};
+
+    use super::*;
+
+    fn address(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn proxy_header_client_address_or_the_connection_fallback() {
+        let peer = address("100.64.0.1:40000");
+        let tcp = encode_tcp(address("203.0.113.7:51234"), address("100.64.0.2:443"));
+        assert_eq!(client_address(&decode(&tcp).unwrap().header, peer), address("203.0.113.7:51234"));
+        let tcp6 = encode_tcp(address("[2001:db8::1]:51234"), address("[2001:db8::2]:443"));
+        assert_eq!(client_address(&decode(&tcp6).unwrap().header, peer), address("[2001:db8::1]:51234"));
+
+        // LOCAL, even with an address block (which the decoder skips).
+        assert_eq!(client_address(&Header::local(), peer), peer);
+        let mut local = tcp.clone();
+        local[12] = 0x20;
+        assert_eq!(client_address(&decode(&local).unwrap().header, peer), peer);
+        // UDP over IPv4 is not a TCP client we could report.
+        let mut udp = tcp.clone();
+        udp[13] = 0x12;
+        assert_eq!(client_address(&decode(&udp).unwrap().header, peer), peer);
+        // UNSPEC and UNIX carry no IP address.
+        let mut unspec = tcp;
+        unspec[13] = 0x01;
+        assert_eq!(client_address(&decode(&unspec).unwrap().header, peer), peer);
+        let unix = Header {
+            command: Command::Proxy,
+            transport: Transport::Stream,
+            addresses: Addresses::Unix { source: b"/run/a.sock".to_vec(), destination: b"/run/b.sock".to_vec() },
+            tlvs: Vec::new(),
+        };
+        assert_eq!(client_address(&decode(&encode(&unix).unwrap()).unwrap().header, peer), peer);
     }
 }

@@ -3,9 +3,9 @@
 //!
 //! The pure protocol core does no IO and is tested with captured bytes and fuzzed
 //! (`edge/fuzz/`): [`sni`] reads the requested server name from the first bytes of a
-//! connection, [`routes`] maps server names to devices, [`proxy_v2`] encodes (and, for the
-//! device's proxy, decodes) the PROXY protocol v2 header, and [`alert`] builds the TLS alerts
-//! that refuse a connection.
+//! connection, [`routes`] maps server names to devices, and [`alert`] builds the TLS alerts
+//! that refuse a connection. The PROXY protocol v2 header the edge writes before a client's
+//! bytes is encoded by [`edgible::proxy_protocol`], the codec the device's proxy decodes with.
 //!
 //! Around it, the data path (the default `runtime` feature): [`listener`] accepts connections under the caps of [`limits`],
 //! [`splice`] peeks the ClientHello, routes it and splices the encrypted stream to the device,
@@ -19,7 +19,6 @@
 //! forwards, only the ClientHello, which is plaintext.
 
 pub mod alert;
-pub mod proxy_v2;
 pub mod routes;
 pub mod sni;
 

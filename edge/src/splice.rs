@@ -16,13 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use edgible::proxy_protocol;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::alert::{AlertDescription, fatal_alert_record};
 use crate::metrics::{Metrics, Outcome, SpliceEnd};
-use crate::proxy_v2;
 use crate::route_source::SharedRoutes;
 use crate::sni::{MAX_CLIENT_HELLO_LEN, ServerName, SniError, parse_client_hello};
 
@@ -205,7 +205,7 @@ impl Forwarder {
         local: SocketAddr,
         hello: &[u8],
     ) -> SpliceEnd {
-        let mut first = proxy_v2::encode_tcp(peer, local);
+        let mut first = proxy_protocol::encode_tcp(peer, local);
         first.extend_from_slice(hello);
         if device.write_all(&first).await.is_err() {
             return SpliceEnd::Error;

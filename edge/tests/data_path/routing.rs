@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use edgible_edge::proxy_v2::{Addresses, Command};
+use edgible::proxy_protocol::{Addresses, Command};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::support::{Devices, TestEdge, hello, read_header_and, read_to_close, route, sample, table, test_config};

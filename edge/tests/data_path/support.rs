@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use edgible::model::DeviceId;
+use edgible::proxy_protocol::{self, Header};
 use edgible_edge::acme_http::ChallengeStore;
 use edgible_edge::limits::{ConnectionLimits, LimitsConfig};
 use edgible_edge::metrics::Metrics;
-use edgible_edge::proxy_v2::{self, Header};
 use edgible_edge::route_source::SharedRoutes;
 use edgible_edge::routes::{Route, RouteTable, RouteTarget};
 use edgible_edge::server::{BoundAddresses, Edge, EdgeConfig};
@@ -242,13 +242,12 @@ pub async fn read_to_close<S: AsyncRead + Unpin>(stream: &mut S) -> anyhow::Resu
 
 /// Reads a PROXY v2 header and exactly `len` more bytes from a device-side connection.
 pub async fn read_header_and(stream: &mut TcpStream, len: usize) -> anyhow::Result<(Header, Vec<u8>)> {
-    let mut fixed = [0u8; proxy_v2::FIXED_LEN];
+    let mut fixed = [0u8; proxy_protocol::FIXED_LEN];
     tokio::time::timeout(WAIT, stream.read_exact(&mut fixed)).await??;
-    let body_len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
     let mut header = fixed.to_vec();
-    header.resize(proxy_v2::FIXED_LEN + body_len, 0);
-    tokio::time::timeout(WAIT, stream.read_exact(&mut header[proxy_v2::FIXED_LEN..])).await??;
-    let decoded = proxy_v2::decode(&header)?;
+    header.resize(proxy_protocol::header_len(&fixed)?, 0);
+    tokio::time::timeout(WAIT, stream.read_exact(&mut header[proxy_protocol::FIXED_LEN..])).await??;
+    let decoded = proxy_protocol::decode(&header)?;
     let mut rest = vec![0u8; len];
     tokio::time::timeout(WAIT, stream.read_exact(&mut rest)).await??;
     Ok((decoded.header, rest))

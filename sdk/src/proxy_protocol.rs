@@ -1,7 +1,8 @@
 //! The PROXY protocol, version 2: the binary header the edge writes before a client's bytes,
 //! so that the device learns the real client address of a connection it receives from the
-//! edge's tunnel address. Pure code, no IO: [`encode`] for the edge, [`decode`] for the
-//! device's proxy.
+//! edge's tunnel address. Pure code, no IO, and the one codec of the workspace: [`encode`] for
+//! the edge, [`decode`] (and [`header_len`], for a reader that must not read past the header)
+//! for the device's proxy.
 //!
 //! The layout follows the specification (HAProxy, `doc/proxy-protocol.txt`, section 2.2):
 //!
@@ -18,9 +19,9 @@
 //!
 //! A `LOCAL` header (a connection the proxy made itself, such as a health check) carries no
 //! meaningful address: the receiver skips whatever follows and uses the connection's own
-//! addresses. Like the ClientHello parser, [`decode`] is fed the whole buffer after every read
-//! and answers [`ProxyV2Error::Incomplete`] until the header is complete; garbage is refused
-//! at its first wrong byte.
+//! addresses. Like the edge's ClientHello parser, [`decode`] is fed the whole buffer after
+//! every read and answers [`ProxyV2Error::Incomplete`] until the header is complete; garbage
+//! is refused at its first wrong byte.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
@@ -284,32 +285,7 @@ pub struct Decoded {
 
 /// Decodes the PROXY v2 header at the start of `input`.
 pub fn decode(input: &[u8]) -> Result<Decoded, ProxyV2Error> {
-    // The signature is compared on whatever part of it has arrived, so that a client that is
-    // not a PROXY sender is refused at its first byte.
-    let signature_len = input.len().min(SIGNATURE.len());
-    if input[..signature_len] != SIGNATURE[..signature_len] {
-        return Err(ProxyV2Error::NotProxyV2);
-    }
-    if let Some(&version_command) = input.get(12) {
-        let version = version_command >> 4;
-        if version != VERSION_2 >> 4 {
-            return Err(ProxyV2Error::UnsupportedVersion(version));
-        }
-        let command = version_command & 0x0f;
-        if command != COMMAND_LOCAL && command != COMMAND_PROXY {
-            return Err(ProxyV2Error::UnknownCommand(command));
-        }
-    }
-    if let Some(&family_transport) = input.get(13) {
-        let family = family_transport >> 4;
-        if family > FAMILY_UNIX {
-            return Err(ProxyV2Error::UnknownFamily(family));
-        }
-        let transport = family_transport & 0x0f;
-        if transport > 0x2 {
-            return Err(ProxyV2Error::UnknownTransport(transport));
-        }
-    }
+    check_fixed_prefix(input)?;
     let Some(fixed) = input.get(..FIXED_LEN) else {
         return Err(ProxyV2Error::Incomplete { needed: FIXED_LEN - input.len() });
     };
@@ -380,6 +356,44 @@ pub fn decode(input: &[u8]) -> Result<Decoded, ProxyV2Error> {
     Ok(Decoded { header: Header { command, transport, addresses, tlvs }, len })
 }
 
+/// The total length of the header whose fixed part is `fixed`, once that part is checked like
+/// [`decode`] checks it. Lets a reader fetch exactly the header, and not a byte of the stream
+/// behind it, before it calls [`decode`] on the whole header.
+pub fn header_len(fixed: &[u8; FIXED_LEN]) -> Result<usize, ProxyV2Error> {
+    check_fixed_prefix(fixed)?;
+    Ok(FIXED_LEN + usize::from(u16::from_be_bytes([fixed[14], fixed[15]])))
+}
+
+/// Checks whatever part of the signature, version, command, family and transport `input`
+/// holds, so that a client that is not a PROXY sender is refused at its first wrong byte.
+fn check_fixed_prefix(input: &[u8]) -> Result<(), ProxyV2Error> {
+    let signature_len = input.len().min(SIGNATURE.len());
+    if input[..signature_len] != SIGNATURE[..signature_len] {
+        return Err(ProxyV2Error::NotProxyV2);
+    }
+    if let Some(&version_command) = input.get(12) {
+        let version = version_command >> 4;
+        if version != VERSION_2 >> 4 {
+            return Err(ProxyV2Error::UnsupportedVersion(version));
+        }
+        let command = version_command & 0x0f;
+        if command != COMMAND_LOCAL && command != COMMAND_PROXY {
+            return Err(ProxyV2Error::UnknownCommand(command));
+        }
+    }
+    if let Some(&family_transport) = input.get(13) {
+        let family = family_transport >> 4;
+        if family > FAMILY_UNIX {
+            return Err(ProxyV2Error::UnknownFamily(family));
+        }
+        let transport = family_transport & 0x0f;
+        if transport > 0x2 {
+            return Err(ProxyV2Error::UnknownTransport(transport));
+        }
+    }
+    Ok(())
+}
+
 /// Splits the address block of `len` bytes off the body.
 fn split(body: &[u8], len: usize) -> Result<(&[u8], &[u8]), ProxyV2Error> {
     if body.len() < len {
@@ -412,6 +426,19 @@ mod tests {
 
     fn v4(text: &str) -> SocketAddr {
         text.parse().unwrap()
+    }
+
+    /// A PROXY TCP/IPv4 header from 203.0.113.7:51234 to 100.64.0.2:443, built by hand (not by
+    /// `encode`) and followed by the raw TLV bytes `tlvs`.
+    fn ipv4_header_with_tlvs(tlvs: &[u8]) -> Vec<u8> {
+        let mut bytes = SIGNATURE.to_vec();
+        bytes.extend_from_slice(&[0x21, 0x11]);
+        bytes.extend_from_slice(&u16::try_from(12 + tlvs.len()).unwrap().to_be_bytes());
+        bytes.extend_from_slice(&[203, 0, 113, 7, 100, 64, 0, 2]);
+        bytes.extend_from_slice(&51234u16.to_be_bytes());
+        bytes.extend_from_slice(&443u16.to_be_bytes());
+        bytes.extend_from_slice(tlvs);
+        bytes
     }
 
     #[test]
@@ -529,6 +556,7 @@ mod tests {
             encode_tcp(v4("192.0.2.10:1"), v4("203.0.113.5:443")),
             encode_tcp("[2001:db8::1]:2".parse().unwrap(), "[2001:db8::2]:443".parse().unwrap()),
             encode(&Header::local()).unwrap(),
+            ipv4_header_with_tlvs(&[0x01, 0x00, 0x01, 0x09]),
         ] {
             for cut in 0..bytes.len() {
                 match decode(&bytes[..cut]) {
@@ -575,5 +603,71 @@ mod tests {
         bytes.extend_from_slice(&[0x21, 0x11, 0x00, 0x0e]);
         bytes.extend_from_slice(&[0; 14]);
         assert_eq!(decode(&bytes), Err(ProxyV2Error::Malformed("truncated TLV header")));
+    }
+
+    #[test]
+    fn tlvs_after_ipv4_addresses_are_decoded() {
+        // A PP2_TYPE_AUTHORITY TLV naming the host, then a PP2_TYPE_NOOP.
+        let bytes = ipv4_header_with_tlvs(&[0x02, 0x00, 0x04, b'a', b'.', b't', b'e', 0x04, 0x00, 0x00]);
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.len, bytes.len());
+        assert_eq!(decoded.header.addresses.source(), Some(v4("203.0.113.7:51234")));
+        assert_eq!(decoded.header.addresses.destination(), Some(v4("100.64.0.2:443")));
+        assert_eq!(
+            decoded.header.tlvs,
+            vec![Tlv { kind: 0x02, value: b"a.te".to_vec() }, Tlv { kind: 0x04, value: vec![] }]
+        );
+    }
+
+    #[test]
+    fn datagram_transport_is_reported() {
+        // UDP over IPv4: the addresses decode, and the transport tells a TCP receiver that they
+        // are not those of a TCP client.
+        let mut bytes = ipv4_header_with_tlvs(&[]);
+        bytes[13] = 0x12;
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.len, 28);
+        assert_eq!(decoded.header.transport, Transport::Datagram);
+        assert_eq!(decoded.header.addresses.source(), Some(v4("203.0.113.7:51234")));
+    }
+
+    #[test]
+    fn the_largest_length_waits_for_its_bytes() {
+        let mut bytes = ipv4_header_with_tlvs(&[]);
+        bytes[14] = 0xff;
+        bytes[15] = 0xff;
+        assert_eq!(decode(&bytes), Err(ProxyV2Error::Incomplete { needed: MAX_HEADER_LEN - 28 }));
+        // Zeros after the addresses are empty TLVs of type 0, three bytes each.
+        bytes.resize(MAX_HEADER_LEN, 0);
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.len, MAX_HEADER_LEN);
+        assert_eq!(decoded.header.addresses.source(), Some(v4("203.0.113.7:51234")));
+        assert_eq!(header_len(&bytes[..FIXED_LEN].try_into().unwrap()), Ok(MAX_HEADER_LEN));
+    }
+
+    #[test]
+    fn ipv6_announced_with_an_ipv4_block_is_malformed() {
+        let mut bytes = ipv4_header_with_tlvs(&[]);
+        bytes[13] = 0x21;
+        assert!(matches!(decode(&bytes), Err(ProxyV2Error::Malformed(_))));
+    }
+
+    #[test]
+    fn header_len_reads_the_length_of_a_checked_fixed_part() {
+        for bytes in [
+            encode_tcp(v4("192.0.2.10:1"), v4("203.0.113.5:443")),
+            encode_tcp("[2001:db8::1]:2".parse().unwrap(), "[2001:db8::2]:443".parse().unwrap()),
+            encode(&Header::local()).unwrap(),
+            ipv4_header_with_tlvs(&[0x02, 0x00, 0x01, b'a']),
+        ] {
+            assert_eq!(header_len(&bytes[..FIXED_LEN].try_into().unwrap()), Ok(bytes.len()));
+        }
+        assert_eq!(header_len(b"GET / HTTP/1.1\r\n"), Err(ProxyV2Error::NotProxyV2));
+        let mut fixed: [u8; FIXED_LEN] = ipv4_header_with_tlvs(&[])[..FIXED_LEN].try_into().unwrap();
+        fixed[12] = 0x31;
+        assert_eq!(header_len(&fixed), Err(ProxyV2Error::UnsupportedVersion(3)));
+        fixed[12] = 0x21;
+        fixed[13] = 0x51;
+        assert_eq!(header_len(&fixed), Err(ProxyV2Error::UnknownFamily(5)));
     }
 }
