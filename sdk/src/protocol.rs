@@ -59,6 +59,16 @@ impl DecodeError {
             DecodeError::Malformed(_) => "malformed",
         }
     }
+
+    /// The code of the `error` frame that answers a frame that could not be read.
+    pub fn code(&self) -> v1::ErrorCode {
+        match self {
+            DecodeError::TooLarge { .. } => v1::ErrorCode::TooLarge,
+            DecodeError::UnsupportedVersion { .. } | DecodeError::MissingVersion => v1::ErrorCode::UnsupportedVersion,
+            DecodeError::UnknownType(_) => v1::ErrorCode::UnknownType,
+            DecodeError::Malformed(_) => v1::ErrorCode::Malformed,
+        }
+    }
 }
 
 /// Reads one frame into a message of the expected direction (`v1::AgentMessage` on the

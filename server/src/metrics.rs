@@ -52,6 +52,8 @@ struct HubSeries {
     frames_received: u64,
     /// reason → frames answered with an error frame.
     frames_rejected: BTreeMap<&'static str, u64>,
+    /// code → `error` frames agents sent.
+    agent_errors: BTreeMap<&'static str, u64>,
     updates_sent: u64,
 }
 
@@ -90,6 +92,11 @@ impl Metrics {
         *self.hub().frames_rejected.entry(reason).or_default() += 1;
     }
 
+    /// An `error` frame an agent sent (a frame of ours it could not handle), by its code.
+    pub fn agent_error(&self, code: &'static str) {
+        *self.hub().agent_errors.entry(code).or_default() += 1;
+    }
+
     pub fn update_sent(&self) {
         self.hub().updates_sent += 1;
     }
@@ -116,6 +123,11 @@ impl Metrics {
         out.push_str("# TYPE edgible_hub_frames_rejected_total counter\n");
         for (reason, count) in &hub.frames_rejected {
             let _ = writeln!(out, "edgible_hub_frames_rejected_total{{reason=\"{reason}\"}} {count}");
+        }
+        out.push_str("# HELP edgible_hub_agent_errors_total Error frames agents sent, by code.\n");
+        out.push_str("# TYPE edgible_hub_agent_errors_total counter\n");
+        for (code, count) in &hub.agent_errors {
+            let _ = writeln!(out, "edgible_hub_agent_errors_total{{code=\"{code}\"}} {count}");
         }
         out.push_str("# HELP edgible_hub_updates_sent_total Desired-state updates sent to agents.\n");
         out.push_str("# TYPE edgible_hub_updates_sent_total counter\n");
@@ -209,10 +221,12 @@ mod tests {
         metrics.frame_rejected("malformed");
         metrics.frame_rejected("malformed");
         metrics.session_ended("replaced");
+        metrics.agent_error("malformed");
         let text = metrics.render_hub(3);
         assert!(text.contains("edgible_hub_connected_agents 3"));
         assert!(text.contains("edgible_hub_frames_rejected_total{reason=\"malformed\"} 2"));
         assert!(text.contains("edgible_hub_sessions_ended_total{reason=\"replaced\"} 1"));
+        assert!(text.contains("edgible_hub_agent_errors_total{code=\"malformed\"} 1"));
     }
 
     #[test]

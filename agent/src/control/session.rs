@@ -6,15 +6,15 @@
 //!
 //! - The reader takes every frame the server sends, decodes it with the bounded
 //!   `protocol::decode`, queues `application_update`s and `pong`s. A frame it cannot read is
-//!   logged and counted and the session goes on; protocol version 1 has no agent-to-server
-//!   error frame, so nothing is answered. Silence longer than a few of the server's ping
-//!   intervals means the server is gone.
+//!   logged, counted and answered with an `error` frame, and the session goes on; an `error`
+//!   from the server is logged and never answered, so errors cannot bounce between the two.
+//!   Silence longer than a few of the server's ping intervals means the server is gone.
 //! - The applier hands the queued updates to the reconciler in order (it persists them and
 //!   ignores stale ones). It is apart from the reader because the reconciler may be busy for a
 //!   while, stopping a workload within its grace period, and pings must be answered meanwhile.
-//! - The writer owns the sink. It sends queued pongs first, then `ack`s and `status` when the
-//!   reconciler's report changes, and every `flush_interval` the lifecycle events and log lines
-//!   the reconciler and drivers buffered. It pulls from those bounded rings only when the
+//! - The writer owns the sink. It sends queued pongs and errors first, then `ack`s and
+//!   `status` when the reconciler's report changes, and every `flush_interval` the lifecycle
+//!   events and log lines the reconciler and drivers buffered. It pulls from those bounded rings only when the
 //!   previous frame was written, so a slow server never blocks the reconciler or grows the
 //!   agent: the rings drop their oldest entries and count them, and the count goes out with the
 //!   next `logs` frame (and as an event, for events).
@@ -34,6 +34,10 @@ use tokio::time::{Instant, MissedTickBehavior, timeout};
 use super::transport::Frame;
 use super::{ControlConfig, Local};
 use crate::reconcile::{DesiredUpdate, ReconcileError, UpdateOutcome};
+
+/// The longest message of an `error` frame the agent sends, in bytes: what the server sent
+/// (an unknown type's name, say) is not echoed back whole.
+const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
 
 /// What the agent says about itself in `hello`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +104,8 @@ pub struct ControlStats {
     pub frames_received: AtomicU64,
     /// Frames from the server that could not be read (malformed, unknown, too large).
     pub frames_rejected: AtomicU64,
+    /// `error` frames about rejected frames not queued because the writer was that far behind.
+    pub errors_dropped: AtomicU64,
     pub updates_taken: AtomicU64,
     pub updates_stale: AtomicU64,
     pub acks_sent: AtomicU64,
@@ -165,6 +171,8 @@ struct Session<'a, L: ?Sized> {
 /// What the reader hands the writer.
 enum Outgoing {
     Pong(u64),
+    /// The `error` frame answering a frame that could not be read.
+    Error(AgentMessage),
     /// The server sent desired state up to this revision.
     Offered(Revision),
 }
@@ -231,8 +239,13 @@ impl<L: Local + ?Sized> Session<'_, L> {
                 Ok(frame) => frame,
             };
             let message = match self.frame(frame)? {
-                Some(message) => message,
-                None => continue,
+                Received::Message(message) => message,
+                Received::Skip => continue,
+                Received::Rejected(answer) => {
+                    // Before welcome, the writer is not running yet: answer directly.
+                    send(self.config, tx, &answer).await?;
+                    continue;
+                }
             };
             match message {
                 ServerMessage::Welcome { device_id, tunnel_address, server_version, ping_interval_seconds } => {
@@ -245,7 +258,7 @@ impl<L: Local + ?Sized> Session<'_, L> {
                 ServerMessage::Error { code, message } => {
                     return Err(SessionEnd::Refused(match code {
                         ErrorCode::Other => message,
-                        code => format!("{message} ({})", code_name(code)),
+                        code => format!("{message} ({})", code.as_str()),
                     }));
                 }
                 ServerMessage::Ping { nonce } => {
@@ -280,8 +293,17 @@ impl<L: Local + ?Sized> Session<'_, L> {
                 Ok(frame) => frame,
             };
             let message = match self.frame(frame) {
-                Ok(Some(message)) => message,
-                Ok(None) => continue,
+                Ok(Received::Message(message)) => message,
+                Ok(Received::Skip) => continue,
+                Ok(Received::Rejected(answer)) => {
+                    // Dropped rather than waited for, like pongs: a server sending garbage
+                    // faster than the writer sends answers must not hold the reader up.
+                    if outgoing.try_send(Outgoing::Error(answer)).is_err() {
+                        ControlStats::bump(&self.stats.errors_dropped);
+                        tracing::debug!("the writer is behind; not answering a rejected frame");
+                    }
+                    continue;
+                }
                 Err(end) => return end,
             };
             let result = match message {
@@ -310,7 +332,8 @@ impl<L: Local + ?Sized> Session<'_, L> {
                 }
                 ServerMessage::Error { code, message } => {
                     // Errors that end the session come with a close frame, which ends it here.
-                    tracing::warn!(code = code_name(code), %message, "the server reported an error");
+                    // Never answered with an error of our own, so errors cannot bounce.
+                    tracing::warn!(code = code.as_str(), %message, "the server reported an error");
                     Ok(())
                 }
             };
@@ -320,9 +343,9 @@ impl<L: Local + ?Sized> Session<'_, L> {
         }
     }
 
-    /// Turns one frame into a message: `Ok(None)` for frames to skip (control frames, and
-    /// frames that cannot be read, which are logged and counted), `Err` when the session ends.
-    fn frame<E: Display>(&self, frame: Option<Result<Frame, E>>) -> Result<Option<ServerMessage>, SessionEnd> {
+    /// Turns one frame into a message, a frame to skip, or the `error` frame answering a frame
+    /// that cannot be read (logged and counted here); `Err` when the session ends.
+    fn frame<E: Display>(&self, frame: Option<Result<Frame, E>>) -> Result<Received, SessionEnd> {
         let text = match frame {
             None => return Err(SessionEnd::Closed { code: None, reason: "the server closed the stream".to_owned() }),
             Some(Err(error)) => return Err(SessionEnd::Closed { code: None, reason: error.to_string() }),
@@ -330,24 +353,36 @@ impl<L: Local + ?Sized> Session<'_, L> {
                 let (code, reason) = close.map_or((None, String::new()), |(code, reason)| (Some(code), reason));
                 return Err(SessionEnd::Closed { code, reason });
             }
-            Some(Ok(Frame::Control)) => return Ok(None),
+            Some(Ok(Frame::Control)) => return Ok(Received::Skip),
             Some(Ok(Frame::Binary(bytes))) => {
                 ControlStats::bump(&self.stats.frames_rejected);
                 tracing::warn!(bytes = bytes.len(), "ignored a binary frame: the protocol is text");
-                return Ok(None);
+                let message = "binary frames are not part of the protocol".to_owned();
+                return Ok(Received::Rejected(AgentMessage::Error { code: ErrorCode::Malformed, message }));
             }
             Some(Ok(Frame::Text(text))) => text,
         };
         ControlStats::bump(&self.stats.frames_received);
         match decode::<ServerMessage>(&text) {
-            Ok(message) => Ok(Some(message)),
+            Ok(message) => Ok(Received::Message(message)),
             Err(error) => {
                 ControlStats::bump(&self.stats.frames_rejected);
                 tracing::warn!(reason = error.reason(), %error, "ignored a frame from the server");
-                Ok(None)
+                let message = bounded(error.to_string(), MAX_ERROR_MESSAGE_BYTES);
+                Ok(Received::Rejected(AgentMessage::Error { code: error.code(), message }))
             }
         }
     }
+}
+
+/// What one frame from the server turned out to be.
+enum Received {
+    Message(ServerMessage),
+    /// A frame with nothing to act on (a WebSocket control frame).
+    Skip,
+    /// A frame that could not be read, already logged and counted, and the `error` frame that
+    /// answers it.
+    Rejected(AgentMessage),
 }
 
 /// Hands queued desired state to the reconciler in order, telling the writer what was offered.
@@ -429,6 +464,7 @@ impl<'a, L: Local + ?Sized> Writer<'a, L> {
                     biased;
                     item = queued.recv() => match item {
                         Some(Outgoing::Pong(nonce)) => send(self.config, tx, &AgentMessage::Pong { nonce }).await?,
+                        Some(Outgoing::Error(message)) => send(self.config, tx, &message).await?,
                         Some(Outgoing::Offered(revision)) => {
                             self.offered = self.offered.max(Some(revision));
                             self.sync(tx, &mut report).await?;
@@ -596,18 +632,16 @@ where
     }
 }
 
-fn code_name(code: ErrorCode) -> &'static str {
-    match code {
-        ErrorCode::Malformed => "malformed",
-        ErrorCode::UnknownType => "unknown_type",
-        ErrorCode::TooLarge => "too_large",
-        ErrorCode::UnsupportedVersion => "unsupported_version",
-        ErrorCode::Unexpected => "unexpected",
-        ErrorCode::Replaced => "replaced",
-        ErrorCode::Timeout => "timeout",
-        ErrorCode::Internal => "internal",
-        ErrorCode::Other => "other",
+/// `text` cut to at most `max` bytes at a character boundary.
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
     }
+    text
 }
 
 #[cfg(test)]
@@ -735,6 +769,39 @@ mod tests {
         let pong = server.until("a pong", |message| matches!(message, AgentMessage::Pong { .. })).await;
         assert_eq!(pong, AgentMessage::Pong { nonce: 77 });
         assert_eq!(ControlStats::get(&stats.frames_rejected), count + 1);
+        assert!(!outcome.is_finished());
+    }
+
+    #[tokio::test]
+    async fn unreadable_frames_are_answered_with_an_error_and_server_errors_are_not() {
+        let local = Arc::new(FakeLocal::new(true));
+        let (mut server, stats, _stop, outcome) = start(ControlConfig::default(), local, 64);
+        server.next().await;
+        // Before welcome too: the session answers directly.
+        server.send_text("garbage".to_owned()).await;
+        let is_error = |message: &AgentMessage| matches!(message, AgentMessage::Error { .. });
+        let AgentMessage::Error { code, message } = server.until("an error", is_error).await else {
+            unreachable!("matched an error")
+        };
+        assert_eq!(code, ErrorCode::Malformed);
+        assert!(message.starts_with("malformed frame"), "{message}");
+        server.welcome(Some(20)).await;
+
+        // An unknown type's name is not echoed back whole.
+        server.send_text(format!(r#"{{"v":1,"type":"{}"}}"#, "x".repeat(100_000))).await;
+        let AgentMessage::Error { code, message } = server.until("an error", is_error).await else {
+            unreachable!("matched an error")
+        };
+        assert_eq!(code, ErrorCode::UnknownType);
+        assert!(message.len() <= MAX_ERROR_MESSAGE_BYTES, "{}", message.len());
+
+        // The server's own error is logged, never answered: the next frame is the pong.
+        server.send(&ServerMessage::Error { code: ErrorCode::Unexpected, message: "no".into() }).await;
+        server.send(&ServerMessage::Ping { nonce: 3 }).await;
+        let next =
+            server.until("a pong", |message| matches!(message, AgentMessage::Pong { .. } | AgentMessage::Error { .. }));
+        assert_eq!(next.await, AgentMessage::Pong { nonce: 3 });
+        assert_eq!(ControlStats::get(&stats.frames_rejected), 2);
         assert!(!outcome.is_finished());
     }
 

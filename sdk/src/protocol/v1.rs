@@ -49,6 +49,13 @@ pub enum AgentMessage {
     },
     /// The answer to a `ping`, with its nonce.
     Pong { nonce: u64 },
+    /// The agent could not handle a frame the server sent. Never answered with another
+    /// `error`, so that two peers cannot bounce errors back and forth.
+    Error {
+        #[serde(default)]
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// What the server sends an agent.
@@ -110,6 +117,23 @@ pub enum ErrorCode {
     Other,
 }
 
+impl ErrorCode {
+    /// The code as it is written in frames, for logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Unexpected => "unexpected",
+            ErrorCode::Replaced => "replaced",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Other => "other",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -161,6 +185,33 @@ mod tests {
         let frame = encode(&error);
         assert_eq!(frame, r#"{"v":1,"type":"error","code":"too_large","message":"too big"}"#);
         assert_eq!(decode::<ServerMessage>(&frame).unwrap(), error);
+
+        let error = AgentMessage::Error { code: ErrorCode::Malformed, message: "not json".into() };
+        let frame = encode(&error);
+        assert_eq!(frame, r#"{"v":1,"type":"error","code":"malformed","message":"not json"}"#);
+        assert_eq!(decode::<AgentMessage>(&frame).unwrap(), error);
+        assert_eq!(
+            decode::<AgentMessage>(r#"{"v":1,"type":"error","message":"m"}"#).unwrap(),
+            AgentMessage::Error { code: ErrorCode::Other, message: "m".into() },
+            "the code defaults like the server's"
+        );
+    }
+
+    #[test]
+    fn error_code_names_are_their_wire_names() {
+        for code in [
+            ErrorCode::Malformed,
+            ErrorCode::UnknownType,
+            ErrorCode::TooLarge,
+            ErrorCode::UnsupportedVersion,
+            ErrorCode::Unexpected,
+            ErrorCode::Replaced,
+            ErrorCode::Timeout,
+            ErrorCode::Internal,
+            ErrorCode::Other,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str(), "{code:?}");
+        }
     }
 
     #[test]

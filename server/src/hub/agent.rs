@@ -4,7 +4,9 @@
 //! The session is generic over a sink and a stream of [`Frame`]s, so tests drive it through
 //! channels. Every frame the agent sends is decoded with the bounded `protocol::decode`;
 //! anything wrong is counted, logged and answered with an `error` frame, and the session goes
-//! on. Only a bad `hello` ends it, with an error frame and a close code that says why.
+//! on. Only a bad `hello` ends it, with an error frame and a close code that says why. An
+//! `error` from the agent is logged and counted, never answered, so that errors cannot bounce
+//! between the two.
 
 use std::collections::HashSet;
 use std::fmt::Display;
@@ -202,7 +204,7 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                     }
                     other => format!("the first frame must be hello: {other}"),
                 };
-                return Err(self.refuse(error.reason(), error_code(&error), message, close::PROTOCOL_ERROR).await);
+                return Err(self.refuse(error.reason(), error.code(), message, close::PROTOCOL_ERROR).await);
             }
         };
         let AgentMessage::Hello { device_id, public_key, applied_revision, capabilities, agent_version } = hello else {
@@ -303,7 +305,7 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
         self.agents.metrics.frame_received();
         let message = match decode::<AgentMessage>(text) {
             Ok(message) => message,
-            Err(error) => return self.reject(error.reason(), error_code(&error), error.to_string()).await,
+            Err(error) => return self.reject(error.reason(), error.code(), error.to_string()).await,
         };
         match message {
             AgentMessage::Hello { .. } => {
@@ -359,6 +361,13 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                     Ok(false) => tracing::debug!(?application_id, "ignored an event of an unknown application"),
                     Err(error) => tracing::warn!(%error, "cannot record an event"),
                 }
+            }
+            AgentMessage::Error { code, message } => {
+                // Never answered with an error frame: the agent does not answer ours either, and
+                // two peers each answering the other's errors would loop forever.
+                let message = bounded(message, MAX_MESSAGE_BYTES);
+                tracing::warn!(code = code.as_str(), %message, "the agent could not handle a frame");
+                self.agents.metrics.agent_error(code.as_str());
             }
             AgentMessage::Logs { application_id, lines, dropped } => {
                 if self.knows(application_id).await {
@@ -462,15 +471,7 @@ fn message_type(message: &AgentMessage) -> &'static str {
         AgentMessage::Event { .. } => "event",
         AgentMessage::Logs { .. } => "logs",
         AgentMessage::Pong { .. } => "pong",
-    }
-}
-
-fn error_code(error: &DecodeError) -> ErrorCode {
-    match error {
-        DecodeError::TooLarge { .. } => ErrorCode::TooLarge,
-        DecodeError::UnsupportedVersion { .. } | DecodeError::MissingVersion => ErrorCode::UnsupportedVersion,
-        DecodeError::UnknownType(_) => ErrorCode::UnknownType,
-        DecodeError::Malformed(_) => ErrorCode::Malformed,
+        AgentMessage::Error { .. } => "error",
     }
 }
 
@@ -612,5 +613,34 @@ mod tests {
         assert_eq!(session.await.expect("the session task"), Ended::Disconnected);
         let device = db.device(org, fixture.device.id).await.expect("device");
         assert_eq!(device.status.state, edgible::model::DeviceState::Offline);
+    }
+
+    #[tokio::test]
+    async fn an_agent_error_is_counted_and_never_answered() {
+        let fixture = fixture().await;
+        let (to_server, from_test) = mpsc::unbounded::<Result<Frame, Infallible>>();
+        let (to_test, mut frames) = mpsc::unbounded::<Frame>();
+        let session = tokio::spawn(run(fixture.agents.clone(), fixture.device.clone(), to_test, from_test));
+        to_server.unbounded_send(Ok(Frame::Text(hello(&fixture.device, 1)))).expect("queued");
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::Welcome { .. }));
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::ApplicationUpdate { full: true, .. }));
+
+        let error = AgentMessage::Error { code: ErrorCode::Malformed, message: "cannot read a frame".into() };
+        to_server.unbounded_send(Ok(Frame::Text(encode(&error)))).expect("queued");
+        // Frames are handled in order, so the first answer after the error is the one to this
+        // ack of a revision never sent: the error itself got none, and the session went on.
+        to_server.unbounded_send(Ok(Frame::Text(r#"{"v":1,"type":"ack","revision":999}"#.into()))).expect("queued");
+        let ServerMessage::Error { code, message } = next_message(&mut frames).await else {
+            panic!("expected the answer to the ack")
+        };
+        assert_eq!(code, ErrorCode::Unexpected);
+        assert!(message.starts_with("ack of revision 999"), "{message}");
+        let metrics = fixture.agents.metrics.render_hub(0);
+        assert!(metrics.contains("edgible_hub_agent_errors_total{code=\"malformed\"} 1"), "{metrics}");
+        let rejected = metrics.lines().filter(|line| line.starts_with("edgible_hub_frames_rejected_total")).count();
+        assert_eq!(rejected, 1, "only the ack was rejected: {metrics}");
+
+        drop(to_server);
+        assert_eq!(session.await.expect("the session task"), Ended::Disconnected);
     }
 }
