@@ -108,8 +108,12 @@ async fn an_env_change_restarts_the_workload_with_the_new_env() -> Result<()> {
     );
     agent.update(DesiredUpdate::full(1, vec![greeter.clone()])).await?;
     let first = wait_phase(&mut report, greeter.id, 1, Phase::Running).await?;
-    let env = environment(first)?;
-    assert!(env.contains("GREETING=hello") && env.contains("NAME=workload"), "{env:?}");
+    // /proc/PID/environ reads empty for an instant while the shell execs `sleep`; wait it out.
+    let env = wait_until("the first process's environment", || {
+        environment(first).ok().filter(|env| env.contains("NAME=workload"))
+    })
+    .await?;
+    assert!(env.contains("GREETING=hello"), "{env:?}");
     assert!(!env.iter().any(|entry| entry.starts_with("RUST_BACKTRACE=")), "the agent's environment does not leak");
 
     greeter.revision = 2;
@@ -117,7 +121,11 @@ async fn an_env_change_restarts_the_workload_with_the_new_env() -> Result<()> {
     agent.update(DesiredUpdate::full(2, vec![greeter.clone()])).await?;
     let second = wait_phase(&mut report, greeter.id, 2, Phase::Running).await?;
     assert_ne!(first, second, "a new process runs");
-    assert!(environment(second)?.contains("GREETING=bonjour"));
+    let env = wait_until("the second process's environment", || {
+        environment(second).ok().filter(|env| env.contains("NAME=workload"))
+    })
+    .await?;
+    assert!(env.contains("GREETING=bonjour"), "{env:?}");
     wait_until("the first process to be gone", || (!alive(first)).then_some(())).await?;
     wait_until("both greetings in the log", || {
         let lines = log_texts(&agent, greeter.id);
