@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod docker;
 pub mod server;
 pub mod terraform;
 

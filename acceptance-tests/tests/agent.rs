@@ -10,7 +10,7 @@
 //! Needs the workspace binaries: `cargo build --workspace --bins && cargo test -p
 //! edgible-acceptance-tests --test agent`.
 
-use std::io::{BufRead, BufReader, Read as _, Write as _};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -536,94 +536,13 @@ async fn a_container_workload_is_deployed_and_serves() -> anyhow::Result<()> {
 mod container {
     use super::*;
 
-    pub const SOCKET: &str = "/var/run/docker.sock";
+    pub use edgible_acceptance_tests::docker::SOCKET;
     pub const IMAGE: &str = "edgible-test/busybox-web:1";
     const SCRIPT: &str = r#"echo "greeting=$GREETING"; mkdir -p /www; echo "$GREETING" > /www/index.html; exec httpd -f -p "$PORT" -h /www"#;
 
-    /// Makes sure an engine answers (starting `dockerd` if needed) and the image exists. Test
-    /// processes may do this at once, so it happens under a file lock.
+    /// Makes sure an engine answers (starting `dockerd` if needed) and the image exists.
     pub fn prepare_engine() -> anyhow::Result<()> {
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(std::env::temp_dir().join("edgible-agent-docker.lock"))?;
-        lock.lock()?;
-        if !engine_answers() {
-            start_dockerd()?;
-        }
-        let inspected = Command::new("docker")
-            .args(["image", "inspect", IMAGE])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        if !inspected.success() {
-            build_image()?;
-        }
-        lock.unlock()?;
-        Ok(())
-    }
-
-    fn engine_answers() -> bool {
-        Command::new("docker")
-            .arg("version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
-    }
-
-    fn start_dockerd() -> anyhow::Result<()> {
-        use std::os::unix::process::CommandExt;
-        let log = std::env::temp_dir().join("edgible-dockerd.log");
-        eprintln!("starting dockerd (log: {})", log.display());
-        let output = std::fs::File::create(&log)?;
-        Command::new("dockerd")
-            .arg(format!("--host=unix://{SOCKET}"))
-            .stdin(Stdio::null())
-            .stdout(output.try_clone()?)
-            .stderr(output)
-            // Its own process group, so that it is not part of this test's.
-            .process_group(0)
-            .spawn()
-            .context("cannot start dockerd: install the Debian package docker.io")?;
-        let deadline = Instant::now() + WAIT;
-        while !engine_answers() {
-            anyhow::ensure!(Instant::now() < deadline, "dockerd does not answer; see {}", log.display());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(())
-    }
-
-    /// Imports a root filesystem holding only a static busybox and its applets.
-    fn build_image() -> anyhow::Result<()> {
-        let busybox = Path::new("/bin/busybox");
-        let list = Command::new(busybox).arg("--list").output().context("install the Debian package busybox-static")?;
-        let root = tempfile::tempdir()?;
-        let bin = root.path().join("bin");
-        std::fs::create_dir_all(&bin)?;
-        std::fs::create_dir_all(root.path().join("tmp"))?;
-        std::fs::copy(busybox, bin.join("busybox"))?;
-        for applet in String::from_utf8(list.stdout)?.lines().filter(|name| !name.is_empty() && *name != "busybox") {
-            std::os::unix::fs::symlink("busybox", bin.join(applet))?;
-        }
-        let tarball = root.path().join("rootfs.tar");
-        let status =
-            Command::new("tar").arg("-C").arg(root.path()).arg("-cf").arg(&tarball).args(["bin", "tmp"]).status()?;
-        anyhow::ensure!(status.success(), "tar failed");
-        let cmd = serde_json::to_string(&["/bin/sh", "-c", SCRIPT])?;
-        let mut import = Command::new("docker")
-            .args(["import", "--change", &format!("CMD {cmd}"), "-", IMAGE])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let mut tar = Vec::new();
-        std::fs::File::open(&tarball)?.read_to_end(&mut tar)?;
-        import.stdin.take().context("stdin")?.write_all(&tar)?;
-        let output = import.wait_with_output()?;
-        anyhow::ensure!(output.status.success(), "docker import failed: {}", String::from_utf8_lossy(&output.stderr));
-        Ok(())
+        edgible_acceptance_tests::docker::prepare(IMAGE, SCRIPT)
     }
 
     /// GET /index.html on 127.0.0.1:`port`, answering the body.

@@ -8,9 +8,6 @@
 #[path = "support/harness.rs"]
 mod harness;
 
-use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +19,9 @@ use edgible_agent::driver::{ContainerDriver, ContainerDriverConfig, Driver, Proc
 use edgible_agent::reconcile::{DesiredUpdate, Reconciler, Shutdown};
 use harness::*;
 use serde_json::json;
-use tokio::time::Instant;
 
 const IMAGE: &str = "edgible-test/busybox:1";
-const SOCKET: &str = "/var/run/docker.sock";
+use edgible_acceptance_tests::docker::SOCKET;
 
 /// What the image runs: says hello on both streams, then serves `$GREETING` over HTTP on
 /// `$PORT` with busybox httpd.
@@ -43,87 +39,9 @@ fn enabled() -> bool {
     false
 }
 
-/// Makes sure an engine answers and the test image exists; several test processes may do
-/// this at once, so it happens under a file lock.
+/// Makes sure an engine answers (starting `dockerd` if needed) and the test image exists.
 async fn prepare_engine() -> Result<()> {
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(std::env::temp_dir().join("edgible-agent-docker.lock"))?;
-    lock.lock()?;
-    if ContainerDriver::connect(driver_config("probe")).await.is_err() {
-        start_dockerd().await?;
-    }
-    let inspected = Command::new("docker")
-        .args(["image", "inspect", IMAGE])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?;
-    if !inspected.success() {
-        build_image()?;
-    }
-    lock.unlock()?;
-    Ok(())
-}
-
-async fn start_dockerd() -> Result<()> {
-    let log = std::env::temp_dir().join("edgible-dockerd.log");
-    eprintln!("starting dockerd (log: {})", log.display());
-    let output = std::fs::File::create(&log)?;
-    Command::new("dockerd")
-        .arg(format!("--host=unix://{SOCKET}"))
-        .stdin(Stdio::null())
-        .stdout(output.try_clone()?)
-        .stderr(output)
-        // Its own process group, so that it is not part of this test's.
-        .process_group(0)
-        .spawn()
-        .context("cannot start dockerd: install the Debian package docker.io")?;
-    wait_until("dockerd to answer", || Path::new(SOCKET).exists().then_some(())).await?;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match ContainerDriver::connect(driver_config("probe")).await {
-            Ok(_) => return Ok(()),
-            Err(error) if Instant::now() >= deadline => bail!("dockerd does not answer: {error}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
-/// Imports a root filesystem holding only a static busybox and its applets.
-fn build_image() -> Result<()> {
-    let busybox = Path::new("/bin/busybox");
-    let list = Command::new(busybox).arg("--list").output().context("install the Debian package busybox-static")?;
-    let root = tempfile::tempdir()?;
-    let bin = root.path().join("bin");
-    std::fs::create_dir_all(&bin)?;
-    std::fs::create_dir_all(root.path().join("tmp"))?;
-    std::fs::copy(busybox, bin.join("busybox"))?;
-    for applet in String::from_utf8(list.stdout)?.lines().filter(|name| !name.is_empty() && *name != "busybox") {
-        std::os::unix::fs::symlink("busybox", bin.join(applet))?;
-    }
-    let tarball = root.path().join("rootfs.tar");
-    let status =
-        Command::new("tar").arg("-C").arg(root.path()).args(["-cf"]).arg(&tarball).args(["bin", "tmp"]).status()?;
-    if !status.success() {
-        bail!("tar failed");
-    }
-    let cmd = serde_json::to_string(&["/bin/sh", "-c", SCRIPT])?;
-    let mut import = Command::new("docker")
-        .args(["import", "--change", &format!("CMD {cmd}"), "-", IMAGE])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut tar = Vec::new();
-    std::fs::File::open(&tarball)?.read_to_end(&mut tar)?;
-    import.stdin.take().context("stdin")?.write_all(&tar)?;
-    let output = import.wait_with_output()?;
-    if !output.status.success() {
-        bail!("docker import failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(())
+    tokio::task::spawn_blocking(|| edgible_acceptance_tests::docker::prepare(IMAGE, SCRIPT)).await?
 }
 
 /// Containers of each test get their own name prefix, so that concurrent runs never meet.
