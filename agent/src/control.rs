@@ -313,8 +313,14 @@ pub(crate) mod tests {
             let device_id = DeviceId::new();
             let tunnel_address = std::net::Ipv4Addr::new(100, 96, 0, 2);
             let server_version = "test".to_owned();
-            self.send(&ServerMessage::Welcome { device_id, tunnel_address, server_version, ping_interval_seconds })
-                .await;
+            self.send(&ServerMessage::Welcome {
+                device_id,
+                tunnel_address,
+                server_version,
+                ping_interval_seconds,
+                tunnel_cidr: None,
+            })
+            .await;
         }
 
         /// The next message the agent sent, skipping control frames.

@@ -26,9 +26,10 @@ use futures::Stream;
 
 use crate::model::{
     ApiKey, ApiKeyCreated, ApiKeyId, ApiKeySpec, Application, ApplicationId, ApplicationLogs, ApplicationSpec,
-    ApplicationStatus, Device, DeviceCreated, DeviceId, DevicePool, DevicePoolId, DevicePoolSpec, DeviceSpec,
-    Enrollment, EnrollmentRequest, ErrorBody, Event, LogEntry, Member, MemberId, MemberSpec, Organization,
-    OrganizationCreated, OrganizationId, OrganizationSpec, Page, Placement, PlacementId, PlacementSpec, Revision,
+    ApplicationStatus, Device, DeviceCreated, DeviceId, DevicePool, DevicePoolId, DevicePoolSpec, DeviceSpec, Edge,
+    EdgeCreated, EdgeId, EdgeSpec, Enrollment, EnrollmentRequest, ErrorBody, Event, LogEntry, Member, MemberId,
+    MemberSpec, Organization, OrganizationCreated, OrganizationId, OrganizationSpec, Page, Placement, PlacementId,
+    PlacementSpec, Revision,
 };
 
 /// What went wrong talking to the server, and whether the server said so.
@@ -153,6 +154,7 @@ resource!(DevicePool, DevicePoolId, DevicePoolSpec, DevicePool, "device-pools", 
 resource!(Device, DeviceId, DeviceSpec, DeviceCreated, "devices", "device");
 resource!(Application, ApplicationId, ApplicationSpec, Application, "applications", "application");
 resource!(Placement, PlacementId, PlacementSpec, Placement, "placements", "placement");
+resource!(Edge, EdgeId, EdgeSpec, EdgeCreated, "edges", "edge");
 
 /// Filters and paging for a listing.
 #[derive(Debug, Clone, Default)]

@@ -14,13 +14,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use chrono::{DateTime, Utc};
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use ids::{
-    ApiKeyId, ApplicationId, DeviceId, DevicePoolId, EventId, MemberId, OrganizationId, PlacementId, UserId,
+    ApiKeyId, ApplicationId, DeviceId, DevicePoolId, EdgeId, EventId, MemberId, OrganizationId, PlacementId, UserId,
 };
 pub use validation::{
-    AbsolutePath, EnvName, Hostname, HttpPath, LabelKey, Name, Region, TunnelCidr, ValidationError, check_text,
+    AbsolutePath, EdgeEndpoint, EnvName, Hostname, HttpPath, LabelKey, Name, Region, TunnelCidr, ValidationError,
+    check_text,
 };
 
 #[cfg(feature = "openapi")]
@@ -298,6 +300,84 @@ pub struct DeviceCreated {
     pub device: Device,
     pub enrollment_token: String,
     pub enrollment_expires_at: DateTime<Utc>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Edges
+
+/// An edge: the public entry point of one device pool. It accepts TLS on :443, routes by SNI
+/// without decrypting, and forwards over WireGuard to the device that owns the name. Each edge
+/// serves exactly one pool, so tunnel networks of different organizations never meet on one
+/// edge even when they overlap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSpec {
+    pub name: Name,
+    /// The pool this edge serves; its tunnel address comes from the pool's network. Cannot be
+    /// changed.
+    pub pool_id: DevicePoolId,
+    /// Where devices send WireGuard datagrams: `host:port` (an IPv4 address or a DNS name, and
+    /// the edge's UDP port), e.g. `203.0.113.1:51820`.
+    pub endpoint: EdgeEndpoint,
+}
+
+impl Validate for EdgeSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        // Every field is checked as it is parsed.
+        Ok(())
+    }
+}
+
+/// What the platform knows about an edge; never written by users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct EdgeStatus {
+    /// The edge's address inside its pool's tunnel network.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub tunnel_address: Ipv4Addr,
+    /// The WireGuard public key (base64), once the edge enrolled.
+    pub public_key: Option<String>,
+    /// Online while its hub session is connected (the same states as a device's).
+    pub state: DeviceState,
+    /// The revision of edge configuration the edge last acknowledged.
+    pub applied_revision: Option<Revision>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Edge {
+    pub id: EdgeId,
+    pub organization_id: OrganizationId,
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub spec: EdgeSpec,
+    pub status: EdgeStatus,
+}
+
+/// Answer to creating an edge: the one-time token `edgible-edge enroll` exchanges for the
+/// edge's credential.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct EdgeCreated {
+    pub edge: Edge,
+    pub enrollment_token: String,
+    pub enrollment_expires_at: DateTime<Utc>,
+}
+
+/// The answer to enrolling an edge (`POST /v1/edge/enroll`, body [`EnrollmentRequest`]): the
+/// edge and its long-lived credential, shown only here. The edge authenticates its WebSocket
+/// to `/v1/edge/connect` with `Authorization: Bearer <credential>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct EdgeEnrollment {
+    pub edge: Edge,
+    /// The network of the edge's pool, for the edge's tunnel interface.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub tunnel_cidr: Ipv4Net,
+    pub credential: String,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -600,6 +680,21 @@ pub struct ApplicationSpec {
     pub sleep: Option<SleepPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// What the device's proxy speaks to the workload once it terminated TLS.
+    #[serde(default)]
+    pub protocol: ApplicationProtocol,
+}
+
+/// How an application is exposed behind TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ApplicationProtocol {
+    /// HTTP/1.1 and HTTP/2: access policies, `X-Forwarded-*`, Host checked against the name.
+    #[default]
+    Http,
+    /// Raw TCP: the decrypted stream is piped to the workload's port as is.
+    Tcp,
 }
 
 /// The most hostnames one application may have.

@@ -248,7 +248,7 @@ impl<L: Local + ?Sized> Session<'_, L> {
                 }
             };
             match message {
-                ServerMessage::Welcome { device_id, tunnel_address, server_version, ping_interval_seconds } => {
+                ServerMessage::Welcome { device_id, tunnel_address, server_version, ping_interval_seconds, .. } => {
                     tracing::debug!(%device_id, %tunnel_address, %server_version, "welcomed");
                     let interval = ping_interval_seconds
                         .filter(|seconds| *seconds > 0)
@@ -264,6 +264,9 @@ impl<L: Local + ?Sized> Session<'_, L> {
                 ServerMessage::Ping { nonce } => {
                     // Before welcome, the writer is not running yet: answer directly.
                     send(self.config, tx, &AgentMessage::Pong { nonce }).await?;
+                }
+                ServerMessage::Edges { .. } | ServerMessage::Certificate { .. } => {
+                    // TODO(data path): handed to the tunnel and the proxy.
                 }
                 update @ ServerMessage::ApplicationUpdate { .. } => {
                     let Some(update) = DesiredUpdate::from_message(update) else { continue };
@@ -325,6 +328,10 @@ impl<L: Local + ?Sized> Session<'_, L> {
                             .map_err(|_| SessionEnd::Local("the update queue is closed".to_owned())),
                         None => Ok(()),
                     }
+                }
+                ServerMessage::Edges { .. } | ServerMessage::Certificate { .. } => {
+                    // TODO(data path): handed to the tunnel and the proxy.
+                    Ok(())
                 }
                 ServerMessage::Welcome { .. } => {
                     tracing::warn!("the server sent a second welcome; ignored");

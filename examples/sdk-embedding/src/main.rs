@@ -41,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
         storage: vec![],
         sleep: None,
         resources: None,
+        protocol: Default::default(),
     };
 
     // Create the application, or bring an existing one of that name up to date.

@@ -55,4 +55,5 @@ id_type!(DevicePoolId, "device pool");
 id_type!(DeviceId, "device");
 id_type!(ApplicationId, "application");
 id_type!(PlacementId, "placement");
+id_type!(EdgeId, "edge");
 id_type!(EventId, "event");

@@ -261,6 +261,55 @@ fn check_label(hostname: &str, label: &str) -> Result<(), ValidationError> {
 
 parsed_string!(Hostname);
 
+/// Where an edge receives WireGuard: `host:port`, the host an IPv4 address or a DNS name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EdgeEndpoint(String);
+
+impl EdgeEndpoint {
+    pub const DESCRIPTION: &'static str = "host:port, the host an IPv4 address or a DNS name, e.g. 203.0.113.1:51820";
+
+    /// The host part (an address or a name to resolve).
+    pub fn host(&self) -> &str {
+        self.0.rsplit_once(':').map(|(host, _)| host).unwrap_or(&self.0)
+    }
+
+    /// The UDP port.
+    pub fn port(&self) -> u16 {
+        self.0.rsplit_once(':').and_then(|(_, port)| port.parse().ok()).unwrap_or(0)
+    }
+}
+
+impl FromStr for EdgeEndpoint {
+    type Err = ValidationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return Err(ValidationError::new(format!("{s:?} must be host:port, e.g. 203.0.113.1:51820")));
+        };
+        match port.parse::<u16>() {
+            Ok(port) if port != 0 => {}
+            _ => return Err(ValidationError::new(format!("{s:?}: the port must be a number from 1 to 65535"))),
+        }
+        if host.parse::<std::net::Ipv4Addr>().is_err() {
+            check_dns_name(s, host)?;
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// A DNS name to resolve (not a wildcard; a single label such as `localhost` is allowed).
+fn check_dns_name(whole: &str, host: &str) -> Result<(), ValidationError> {
+    if host.is_empty() || host.len() > 253 {
+        return Err(ValidationError::new(format!("{whole:?}: the host must be an IPv4 address or a DNS name")));
+    }
+    for label in host.split('.') {
+        check_label(host, label).map_err(|e| ValidationError::new(format!("{whole:?}: {}", e.message)))?;
+    }
+    Ok(())
+}
+
+parsed_string!(EdgeEndpoint);
+
 /// The IPv4 network a device pool addresses its tunnels from, in canonical form (no host bits
 /// set), between /8 and /30 so that it holds at least two addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

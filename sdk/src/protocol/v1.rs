@@ -7,13 +7,25 @@
 //! applied with `ack`, answers pings with `pong`, and reports `status`, `event` and `logs`.
 //! Either side answers a frame it cannot handle with an `error` frame; the server closes the
 //! socket after an error only when the session cannot go on (a bad `hello`).
+//!
+//! Data path: after `welcome` the server sends `edges` (the pool's edges, the device's
+//! WireGuard peers) and again whenever that set changes. For each application placed on it the
+//! agent generates a key and sends a `certificate_request`; the server answers `certificate`
+//! (or an `error` naming the application).
+//!
+//! Edges speak their own session on `/v1/edge/connect`: [`EdgeMessage`] up, [`EdgeServerMessage`]
+//! down. The edge sends `edge_hello`; the server answers `edge_welcome` and a full `edge_config`
+//! (its peers and routes), sends a new full `edge_config` whenever it changes, and pings; the
+//! edge acknowledges each configuration it applied with `ack`.
 
 use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Application, ApplicationId, DeviceId, Revision};
+use crate::model::{Application, ApplicationId, DeviceId, EdgeId, Hostname, Revision};
 
 /// What an agent sends the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,6 +61,14 @@ pub enum AgentMessage {
     },
     /// The answer to a `ping`, with its nonce.
     Pong { nonce: u64 },
+    /// Asks the server to sign a certificate for an application placed on this device. The
+    /// agent generated the key, which never leaves the device.
+    CertificateRequest {
+        application_id: ApplicationId,
+        /// A PEM `CERTIFICATE REQUEST` whose subject alternative names are all among the
+        /// application's hostnames.
+        csr_pem: String,
+    },
     /// The agent could not handle a frame the server sent. Never answered with another
     /// `error`, so that two peers cannot bounce errors back and forth.
     Error {
@@ -70,6 +90,21 @@ pub enum ServerMessage {
         /// of these periods may consider the connection dead and reconnect.
         #[serde(default)]
         ping_interval_seconds: Option<u64>,
+        /// The pool's tunnel network, which the device routes through its tunnel interface.
+        #[serde(default)]
+        tunnel_cidr: Option<Ipv4Net>,
+    },
+    /// The edges of the device's pool: its WireGuard peers and the only addresses its proxy
+    /// accepts connections from. Always the whole set.
+    Edges { edges: Vec<EdgePeer> },
+    /// A certificate signed for an application, answering a `certificate_request`.
+    Certificate {
+        application_id: ApplicationId,
+        /// The leaf certificate first, then the chain up to (not including) the root, in PEM.
+        chain_pem: String,
+        /// The names the certificate is valid for: the application's hostnames.
+        hostnames: Vec<Hostname>,
+        not_after: DateTime<Utc>,
     },
     /// Desired state. `full` snapshots replace everything the agent has; deltas upsert
     /// `applications` and remove `removed`. Revisions only grow within and across sessions.
@@ -88,6 +123,97 @@ pub enum ServerMessage {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// One edge, as a device's WireGuard peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgePeer {
+    pub edge_id: EdgeId,
+    /// The edge's WireGuard public key (base64).
+    pub public_key: String,
+    /// `host:port` of the edge's WireGuard socket, resolved by the agent.
+    pub endpoint: String,
+    /// The edge's address inside the tunnel, from which it opens connections to the device.
+    pub tunnel_address: Ipv4Addr,
+}
+
+/// What an edge sends the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EdgeMessage {
+    /// The first frame of a session.
+    EdgeHello {
+        /// The edge the credential belongs to; the server refuses a mismatch.
+        edge_id: EdgeId,
+        /// The edge's WireGuard public key (base64), as enrolled.
+        public_key: String,
+        /// The configuration revision last applied, if any.
+        applied_revision: Option<Revision>,
+        edge_version: String,
+    },
+    /// The edge applied the configuration at this revision.
+    Ack {
+        revision: Revision,
+    },
+    Pong {
+        nonce: u64,
+    },
+    Error {
+        #[serde(default)]
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// What the server sends an edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EdgeServerMessage {
+    EdgeWelcome {
+        edge_id: EdgeId,
+        tunnel_address: Ipv4Addr,
+        /// The pool's tunnel network, routed through the edge's tunnel interface.
+        tunnel_cidr: Ipv4Net,
+        server_version: String,
+        #[serde(default)]
+        ping_interval_seconds: Option<u64>,
+    },
+    /// The edge's whole configuration; replaces the previous one. Revisions only grow.
+    EdgeConfig {
+        revision: Revision,
+        /// One per enrolled device of the pool; allowed IPs are exactly the device's /32.
+        peers: Vec<DevicePeer>,
+        routes: Vec<EdgeRoute>,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Error {
+        #[serde(default)]
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// One device, as an edge's WireGuard peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicePeer {
+    pub device_id: DeviceId,
+    pub public_key: String,
+    pub tunnel_address: Ipv4Addr,
+}
+
+/// One hostname the edge serves, and the device it goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeRoute {
+    /// Exact (`app.example.test`) or wildcard (`*.example.test`).
+    pub hostname: Hostname,
+    pub device_id: DeviceId,
+    /// The device's tunnel address; the edge connects to port 443 there.
+    pub tunnel_address: Ipv4Addr,
+    /// Whether the device's agent is connected. Connections to an offline device are refused
+    /// at the edge with a TLS alert instead of waiting for a timeout.
+    pub online: bool,
 }
 
 /// Why an `error` frame was sent, for programs; the message is for people.

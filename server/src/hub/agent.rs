@@ -244,6 +244,7 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
             tunnel_address: self.device.status.tunnel_address,
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
             ping_interval_seconds: Some(self.agents.config.ping_interval.as_secs().max(1)),
+            tunnel_cidr: None,
         })
         .await?;
         self.push_desired(true).await?;
@@ -310,6 +311,9 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
         match message {
             AgentMessage::Hello { .. } => {
                 self.reject("unexpected", ErrorCode::Unexpected, "hello was already received".into()).await?;
+            }
+            AgentMessage::CertificateRequest { .. } => {
+                // TODO(data path): signed by the internal CA.
             }
             AgentMessage::Ack { revision } => {
                 if revision > self.offered.revision {
@@ -472,6 +476,7 @@ fn message_type(message: &AgentMessage) -> &'static str {
         AgentMessage::Logs { .. } => "logs",
         AgentMessage::Pong { .. } => "pong",
         AgentMessage::Error { .. } => "error",
+        AgentMessage::CertificateRequest { .. } => "certificate_request",
     }
 }
 

@@ -192,6 +192,7 @@ fn spec_from_args(args: CreateArgs) -> anyhow::Result<ApplicationSpec> {
         storage: Vec::new(),
         sleep: None,
         resources: None,
+        protocol: Default::default(),
     };
     spec.validate().with_context(|| format!("invalid application {}", spec.name))?;
     Ok(spec)
