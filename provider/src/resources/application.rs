@@ -38,6 +38,16 @@ static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
                 .check(Check::Range(1, 65535)),
             )
             .attribute(env_attribute("Environment for the workload, whatever its kind; workload-level `env` wins."))
+            .attribute(
+                Attribute::defaulted(
+                    "protocol",
+                    Type::String,
+                    Value::string("http"),
+                    "What the device's proxy speaks to the workload after terminating TLS: `http` (HTTP/1.1 and \
+                     HTTP/2, with access policies and `X-Forwarded-*` headers) or `tcp` (the decrypted stream as is).",
+                )
+                .check(Check::OneOf(&["http", "tcp"])),
+            )
             .block(NestedBlock::required("workload", workload_block()))
             .block(NestedBlock::single("health_check", health_check_block()))
             .block(NestedBlock::single("access", access_block()).empty_is_absent())
@@ -385,6 +395,7 @@ mod tests {
             "storage": [{"name": "data", "size_mib": 64, "mount_path": "/data", "movable": true}],
             "sleep": {"idle_timeout_seconds": 60, "mode": "suspend", "wake_timeout_seconds": 30},
             "resources": {"vcpus": 2, "memory_mib": 1024},
+            "protocol": "tcp",
         }))
         .unwrap();
         let object = Application {
