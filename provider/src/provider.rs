@@ -604,7 +604,14 @@ mod tests {
         resources.sort_unstable();
         assert_eq!(
             resources,
-            ["edgible_api_key", "edgible_application", "edgible_device", "edgible_device_pool", "edgible_placement"]
+            [
+                "edgible_api_key",
+                "edgible_application",
+                "edgible_device",
+                "edgible_device_pool",
+                "edgible_edge",
+                "edgible_placement"
+            ]
         );
         let mut data_sources: Vec<&str> = response.data_source_schemas.keys().map(String::as_str).collect();
         data_sources.sort_unstable();

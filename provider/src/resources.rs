@@ -5,6 +5,7 @@ mod api_key;
 mod application;
 pub(crate) mod device;
 mod device_pool;
+mod edge;
 mod placement;
 
 use std::fmt::Display;
@@ -25,6 +26,7 @@ pub use api_key::ApiKeyModel;
 pub use application::ApplicationModel;
 pub use device::DeviceModel;
 pub use device_pool::DevicePoolModel;
+pub use edge::EdgeModel;
 pub use placement::PlacementModel;
 
 /// A resource type as the provider service sees it.
@@ -50,6 +52,7 @@ pub fn all() -> Vec<Box<dyn ManagedResource>> {
         Box::new(Managed::<ApplicationModel>::new()),
         Box::new(Managed::<PlacementModel>::new()),
         Box::new(Managed::<ApiKeyModel>::new()),
+        Box::new(Managed::<EdgeModel>::new()),
     ]
 }
 
