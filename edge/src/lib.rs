@@ -14,9 +14,12 @@
 //! drains them at shutdown.
 //!
 //! The route table comes in through [`route_source::SharedRoutes`], the seam for whatever
-//! decides the routes: a static file ([`route_file`], reloaded on SIGHUP) today, the
-//! server's hub later. The edge never holds a private key: it cannot read the traffic it
-//! forwards, only the ClientHello, which is plaintext.
+//! decides the routes: a static file ([`route_file`], reloaded on SIGHUP), or the server's hub.
+//! An enrolled edge ([`enroll`], [`state`]) runs [`hub_client`]: a WebSocket session that
+//! receives pushed configurations, gives their peers to the WireGuard [`tunnel`] and their
+//! routes to the route table, and reconnects with [`backoff`]. The edge never holds a TLS
+//! private key (its only key is its WireGuard key): it cannot read the traffic it forwards,
+//! only the ClientHello, which is plaintext.
 
 pub mod alert;
 pub mod routes;
@@ -25,7 +28,13 @@ pub mod sni;
 #[cfg(feature = "runtime")]
 pub mod acme_http;
 #[cfg(feature = "runtime")]
+pub mod backoff;
+#[cfg(feature = "runtime")]
 pub mod config;
+#[cfg(feature = "runtime")]
+pub mod enroll;
+#[cfg(feature = "runtime")]
+pub mod hub_client;
 #[cfg(feature = "runtime")]
 pub mod limits;
 #[cfg(feature = "runtime")]
@@ -40,6 +49,10 @@ pub mod route_source;
 pub mod server;
 #[cfg(feature = "runtime")]
 pub mod splice;
+#[cfg(feature = "runtime")]
+pub mod state;
+#[cfg(feature = "runtime")]
+pub mod tunnel;
 
 pub use routes::{Route, RouteTable, RouteTarget};
 pub use sni::{ServerName, SniError, parse_client_hello};

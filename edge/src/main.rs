@@ -1,17 +1,26 @@
-//! `edgible-edge`: parse the configuration, set up logging, bind the ports, serve until
-//! SIGTERM or SIGINT, then drain.
+//! `edgible-edge`: parse the configuration, set up logging, then either enroll (`enroll`) or
+//! bind the ports and serve until SIGTERM or SIGINT, then drain (`run`). `run` takes its routes
+//! from a static file (`--routes`) or, for an enrolled edge (`--state-dir`), from the server's
+//! hub, which also brings the WireGuard peers.
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
 use edgible_edge::acme_http::ChallengeStore;
-use edgible_edge::config::{Command, Config, LogFormat, RunConfig};
+use edgible_edge::config::{Command, Config, EnrollConfig, LogFormat, RunConfig};
+use edgible_edge::hub_client::{self, HelloParams, HubConfig, HubConnector, HubStats};
+use edgible_edge::metrics::MetricSource;
 use edgible_edge::route_file;
 use edgible_edge::route_source::SharedRoutes;
 use edgible_edge::server::{BoundAddresses, Edge};
+use edgible_edge::state::StateDir;
+use edgible_edge::tunnel::{EdgeTunnel, TunnelSettings};
+use edgible_edge::{enroll, state};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -24,6 +33,7 @@ async fn main() -> ExitCode {
     init_tracing(config.log_format);
     raise_open_files_limit();
     let result = match config.command {
+        Command::Enroll(enroll_config) => enroll_edge(enroll_config).await,
         Command::Run(run_config) => run(run_config).await,
     };
     match result {
@@ -36,8 +46,59 @@ async fn main() -> ExitCode {
     }
 }
 
+async fn enroll_edge(config: EnrollConfig) -> anyhow::Result<()> {
+    let state_dir = StateDir::open(&config.state_dir)?;
+    let identity = enroll::enroll(&state_dir, &config.server, &config.token, config.force).await?;
+    println!(
+        "enrolled edge {} with {}: tunnel address {} in {}; state in {}",
+        identity.edge_id,
+        identity.server,
+        identity.tunnel_address,
+        identity.tunnel_cidr,
+        state_dir.root().display()
+    );
+    Ok(())
+}
+
+/// What an enrolled edge runs beside its ports: the hub session and the tunnel.
+struct Hub {
+    config: HubConfig,
+    hello: HelloParams,
+    connector: HubConnector,
+    tunnel: Arc<EdgeTunnel>,
+    stats: Arc<HubStats>,
+}
+
+impl Hub {
+    fn load(config: &RunConfig, state_dir: &Path) -> anyhow::Result<Self> {
+        let enrolled = StateDir::open(state_dir)?.load()?;
+        let state::Enrolled { identity, credential, private_key } = enrolled;
+        let connector = HubConnector::new(&identity.server, &credential)?;
+        let tunnel = EdgeTunnel::new(TunnelSettings {
+            interface_name: config.tunnel_interface.clone(),
+            listen_port: config.wireguard_port,
+            private_key,
+        });
+        Ok(Self {
+            config: HubConfig::default(),
+            hello: HelloParams {
+                edge_id: identity.edge_id,
+                public_key: identity.public_key,
+                edge_version: env!("CARGO_PKG_VERSION").to_owned(),
+            },
+            connector,
+            tunnel: Arc::new(tunnel),
+            stats: HubStats::new(),
+        })
+    }
+}
+
 async fn run(config: RunConfig) -> anyhow::Result<()> {
     let routes = SharedRoutes::default();
+    let hub = match &config.state_dir {
+        Some(state_dir) => Some(Hub::load(&config, state_dir)?),
+        None => None,
+    };
     if let Some(path) = &config.routes {
         let changes = route_file::reload(path, &routes)?;
         tracing::info!(routes = changes.len(), file = %path.display(), "loaded the routes file");
@@ -47,10 +108,24 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     let shutdown = shutdown_signal().context("listening for SIGTERM")?;
     let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
 
-    let edge = Edge::bind(config.edge_config(), routes.clone(), ChallengeStore::new()).await?;
+    let mut edge = Edge::bind(config.edge_config(), routes.clone(), ChallengeStore::new()).await?;
+    if let Some(hub) = &hub {
+        edge = edge
+            .with_metric_source(Arc::clone(&hub.stats) as Arc<dyn MetricSource>)
+            .with_metric_source(Arc::clone(&hub.tunnel) as Arc<dyn MetricSource>);
+    }
     if let Some(ready_file) = &config.ready_file {
         write_ready_file(ready_file, edge.addresses())?;
     }
+    let (stop_hub, hub_stopped) = watch::channel(false);
+    let hub_task = hub.map(|hub| {
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            hub_client::run(&hub.config, &hub.hello, &hub.connector, &*hub.tunnel, &routes, &hub.stats, hub_stopped)
+                .await;
+            hub.tunnel
+        })
+    });
     if let Some(path) = config.routes.clone() {
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
@@ -64,7 +139,18 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
             }
         });
     }
-    edge.run(shutdown).await;
+    edge.run(async move {
+        shutdown.await;
+        let _ = stop_hub.send(true);
+    })
+    .await;
+    if let Some(task) = hub_task {
+        match task.await {
+            // Removes the tunnel interface.
+            Ok(tunnel) => tunnel.shutdown(),
+            Err(error) => tracing::error!(%error, "the hub session task failed"),
+        }
+    }
     Ok(())
 }
 

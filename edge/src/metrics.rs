@@ -6,8 +6,10 @@
 //! name or address ever becomes a label). Other parts of the edge that own numbers of their
 //! own implement [`MetricSource`] and are rendered on each scrape: the route table
 //! ([`crate::route_source::SharedRoutes`]) and the connection limits
-//! ([`crate::limits::ConnectionLimits`]) today; the WireGuard tunnel will add its per-peer
-//! handshake age the same way when it arrives, rather than this module inventing numbers.
+//! ([`crate::limits::ConnectionLimits`]), and for an enrolled edge the hub session
+//! ([`crate::hub_client::HubStats`]: connected, configurations applied) and the WireGuard
+//! tunnel ([`crate::tunnel::EdgeTunnel`]: peers, per-peer handshake age, labelled by device id,
+//! which comes from the server, never from a client).
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -3,9 +3,9 @@
 //! [`SharedRoutes`] holds the current [`RouteTable`] behind a `watch` channel. Connections
 //! read a snapshot (`current`, one `Arc` clone) and keep using it for their routing decision;
 //! a writer swaps in a whole new table with `replace`, which never disturbs connections
-//! already spliced. Today the one writer is the routes file (`--routes`, reloaded on SIGHUP,
-//! see [`crate::route_file`]); the server hub's client will be another, replacing the table on
-//! every pushed route update, and may `subscribe` to follow changes.
+//! already spliced. The writer is either the routes file (`--routes`, reloaded on SIGHUP,
+//! see [`crate::route_file`]) or, for an enrolled edge, the hub client
+//! ([`crate::hub_client`]), which replaces the table on every pushed configuration.
 
 use std::fmt::Write as _;
 use std::sync::Arc;

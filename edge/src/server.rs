@@ -66,6 +66,8 @@ pub struct Edge {
     challenges: ChallengeStore,
     metrics: Arc<Metrics>,
     limits: Arc<ConnectionLimits>,
+    /// Further metric sources (the hub session, the tunnel), rendered after the built-in ones.
+    extra_sources: Vec<Arc<dyn metrics::MetricSource>>,
 }
 
 impl Edge {
@@ -87,7 +89,24 @@ impl Edge {
             admin: local("admin", &admin, config.admin)?,
         };
         let limits = ConnectionLimits::new(config.limits);
-        Ok(Self { config, https, http, admin, addresses, routes, challenges, metrics: Metrics::new(), limits })
+        Ok(Self {
+            config,
+            https,
+            http,
+            admin,
+            addresses,
+            routes,
+            challenges,
+            metrics: Metrics::new(),
+            limits,
+            extra_sources: Vec::new(),
+        })
+    }
+
+    /// Adds a source of metrics to the admin port.
+    pub fn with_metric_source(mut self, source: Arc<dyn metrics::MetricSource>) -> Self {
+        self.extra_sources.push(source);
+        self
     }
 
     pub fn addresses(&self) -> BoundAddresses {
@@ -104,17 +123,20 @@ impl Edge {
 
     /// Serves until `shutdown` completes, then drains (see the module documentation).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
-        let Self { config, https, http, admin, addresses, routes, challenges, metrics, limits } = self;
+        let Self { config, https, http, admin, addresses, routes, challenges, metrics, limits, extra_sources } = self;
         tracing::info!(https = %addresses.https, http = %addresses.http, admin = %addresses.admin, "edge listening");
 
         let (stop_http, http_stopped) = watch::channel(false);
         let (stop_admin, admin_stopped) = watch::channel(false);
         let http_server =
             tokio::spawn(serve_http(http, acme_http::router(challenges, Arc::clone(&metrics)), http_stopped));
-        let sources = MetricSources::new()
+        let mut sources = MetricSources::new()
             .with(Arc::clone(&metrics) as Arc<dyn metrics::MetricSource>)
             .with(Arc::clone(&limits) as Arc<dyn metrics::MetricSource>)
             .with(Arc::new(routes.clone()) as Arc<dyn metrics::MetricSource>);
+        for source in extra_sources {
+            sources = sources.with(source);
+        }
         let admin_server = tokio::spawn(serve_http(admin, metrics::admin_router(sources), admin_stopped));
 
         let forwarder = Arc::new(Forwarder::new(config.splice, routes, Arc::clone(&metrics)));
