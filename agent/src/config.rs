@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use edgible::tunnel::PrivateKey;
 
 use crate::backoff::BackoffPolicy;
 use crate::control::ControlConfig;
+use crate::datapath::DataPathConfig;
 use crate::driver::{ContainerDriverConfig, ProcessDriverConfig};
 use crate::reconcile::ReconcilerConfig;
 
@@ -21,6 +23,13 @@ pub const TOKEN_ENV: &str = "EDGIBLE_ENROLLMENT_TOKEN";
 pub const CONTAINER_SOCKET_ENV: &str = "EDGIBLE_CONTAINER_SOCKET";
 /// Where the log format may also come from.
 pub const LOG_FORMAT_ENV: &str = "EDGIBLE_LOG_FORMAT";
+
+/// Where the tunnel interface's name may also come from.
+pub const TUNNEL_INTERFACE_ENV: &str = "EDGIBLE_TUNNEL_INTERFACE";
+/// Where the proxy's port may also come from.
+pub const PROXY_PORT_ENV: &str = "EDGIBLE_PROXY_PORT";
+/// The tunnel interface's name unless told otherwise.
+pub const DEFAULT_TUNNEL_INTERFACE: &str = "edgible0";
 
 /// The state directory of a system-wide agent (the systemd unit's).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgible-agent";
@@ -108,6 +117,15 @@ pub struct RunConfig {
     /// Seconds to finish the push session and the reconciler after SIGTERM or SIGINT.
     #[arg(long, default_value_t = 10)]
     pub drain_seconds: u64,
+
+    /// The WireGuard interface the agent creates for its pool's tunnel (needs root or
+    /// CAP_NET_ADMIN), at most 15 characters.
+    #[arg(long, env = TUNNEL_INTERFACE_ENV, default_value = DEFAULT_TUNNEL_INTERFACE)]
+    pub tunnel_interface: String,
+
+    /// The port of the device proxy on the tunnel address, which the edges connect to.
+    #[arg(long, env = PROXY_PORT_ENV, default_value_t = 443, value_parser = clap::value_parser!(u16).range(1..))]
+    pub proxy_port: u16,
 }
 
 impl RunConfig {
@@ -141,6 +159,11 @@ impl RunConfig {
         let mut config = ProcessDriverConfig::new(self.state_dir.join("logs"));
         config.stop_grace = self.stop_grace();
         config
+    }
+
+    /// The data path's setup with the device's enrolled key.
+    pub fn data_path_config(&self, private_key: PrivateKey) -> DataPathConfig {
+        DataPathConfig::new(self.tunnel_interface.clone(), self.proxy_port, private_key)
     }
 
     pub fn container_config(&self) -> ContainerDriverConfig {
@@ -188,5 +211,18 @@ mod tests {
         assert_eq!(run.control_config().reconnect.max, Duration::from_secs(5));
         assert!(!run.stop_workloads_on_exit);
         assert!(parse(&["run", "--reconnect-max-seconds", "0"]).is_err());
+    }
+
+    #[test]
+    fn run_has_the_data_path_flags_with_their_defaults() {
+        let Command::Run(run) = parse(&["run"]).unwrap().command else { panic!("expected run") };
+        assert_eq!((run.tunnel_interface.as_str(), run.proxy_port), ("edgible0", 443));
+        let Command::Run(run) =
+            parse(&["run", "--tunnel-interface", "wg-dev", "--proxy-port", "8443"]).unwrap().command
+        else {
+            panic!("expected run")
+        };
+        assert_eq!((run.tunnel_interface.as_str(), run.proxy_port), ("wg-dev", 8443));
+        assert!(parse(&["run", "--proxy-port", "0"]).is_err());
     }
 }

@@ -3,13 +3,18 @@
 //!
 //! - [`transport`]: frames, the server URL, and the WebSocket connector.
 //! - [`session`]: one session over any sink and stream of frames.
+//! - [`link`]: what the session exchanges with the data path (tunnel network, edges,
+//!   certificates and their requests, reconnect requests).
 //! - [`run`] (here): the loop that connects, runs a session, and reconnects after exponential
 //!   backoff with full jitter. The backoff resets once a session stayed up for the policy's
 //!   `reset_after`, so a server that accepts and then drops connections is still backed off.
+//!   When the data path reports that the device's addresses changed, the loop drops the
+//!   session (or its wait) and connects again at once: the old connection's path is gone.
 //!
 //! The reconciler does not depend on any of this: while the server is unreachable, workloads
 //! keep running on the last desired state the agent persisted.
 
+pub mod link;
 pub mod session;
 pub mod transport;
 
@@ -26,6 +31,7 @@ use crate::events::EventLog;
 use crate::logs::LogBuffer;
 use crate::reconcile::{AgentReport, DesiredUpdate, ReconcileError, ReconcilerHandle, UpdateOutcome};
 
+pub use link::{DataPathLink, SessionLink, link};
 pub use session::{ControlStats, HelloParams, SessionEnd, SessionOutcome};
 pub use transport::{Connect, ConnectError, Connection, Frame, WebSocketConnector};
 
@@ -132,11 +138,13 @@ impl<T: Local + ?Sized> Local for Arc<T> {
 
 /// Keeps a session with the server until `shutdown` becomes true (or its sender is dropped):
 /// connects, runs the session, and after it ends waits a backoff before connecting again.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<C, L>(
     config: &ControlConfig,
     hello: &HelloParams,
     connector: &C,
     local: &L,
+    link: &SessionLink,
     stats: &ControlStats,
     jitter: &mut (impl Jitter + Send),
     mut shutdown: watch::Receiver<bool>,
@@ -145,6 +153,7 @@ pub async fn run<C, L>(
     L: Local + ?Sized,
 {
     let mut backoff = Backoff::new(config.reconnect);
+    let mut reconnects = link.reconnects();
     loop {
         if *shutdown.borrow() {
             return;
@@ -152,10 +161,22 @@ pub async fn run<C, L>(
         let attempt = tokio::select! {
             attempt = timeout(config.connect_timeout, connector.connect()) => attempt,
             () = stopped(&mut shutdown) => return,
+            () = link::reconnect_requested(&mut reconnects) => {
+                tracing::info!("the device's addresses changed; connecting again");
+                continue;
+            }
         };
         match attempt {
             Ok(Ok(Connection { tx, rx })) => {
-                let outcome = session::run(config, hello, local, stats, tx, rx, &mut shutdown).await;
+                let outcome = tokio::select! {
+                    outcome = session::run(config, hello, local, link, stats, tx, rx, &mut shutdown) => outcome,
+                    () = link::reconnect_requested(&mut reconnects) => {
+                        // The connection's path is gone with the old address; its socket would
+                        // only notice after the server's silence timeout.
+                        tracing::info!("the device's addresses changed; reconnecting now");
+                        continue;
+                    }
+                };
                 if outcome.end == SessionEnd::Shutdown {
                     return;
                 }
@@ -192,6 +213,9 @@ pub async fn run<C, L>(
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = stopped(&mut shutdown) => return,
+            () = link::reconnect_requested(&mut reconnects) => {
+                tracing::info!("the device's addresses changed; connecting again without waiting");
+            }
         }
     }
 }
@@ -442,8 +466,9 @@ pub(crate) mod tests {
         let stats = ControlStats::default();
         let (_stop, shutdown) = watch::channel(false);
         let (params, mut jitter) = (hello(), WholeCeiling);
+        let (session_link, _data_path) = link();
         tokio::select! {
-            () = run(&config, &params, &connector, &local, &stats, &mut jitter, shutdown) => {}
+            () = run(&config, &params, &connector, &local, &session_link, &stats, &mut jitter, shutdown) => {}
             _ = finished.wait_for(|done| *done) => {}
         }
         let attempts = connector.attempts.lock().expect("not poisoned").clone();
@@ -464,13 +489,42 @@ pub(crate) mod tests {
         let local = FakeLocal::new(true);
         let (_stop, shutdown) = watch::channel(false);
         let (params, stats, mut jitter) = (hello(), ControlStats::default(), WholeCeiling);
+        let (session_link, _data_path) = link();
         tokio::select! {
-            () = run(&config, &params, &connector, &local, &stats, &mut jitter, shutdown) => {}
+            () = run(&config, &params, &connector, &local, &session_link, &stats, &mut jitter, shutdown) => {}
             _ = finished.wait_for(|done| *done) => {}
         }
         let attempts = connector.attempts.lock().expect("not poisoned").clone();
         let gaps: Vec<u64> = attempts.windows(2).map(|pair| (pair[1] - pair[0]).as_secs()).collect();
         assert_eq!(gaps, [60, 60], "after being replaced, and after the failure that follows");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnect_request_drops_the_session_and_connects_again_at_once() {
+        let config = ControlConfig::default();
+        let (done, mut finished) = watch::channel(false);
+        let script = [Attempt::Serve(Duration::from_secs(3600)), Attempt::Fail];
+        let connector =
+            ScriptedConnector { script: Mutex::new(script.into_iter().collect()), attempts: Mutex::default(), done };
+        let local = FakeLocal::new(true);
+        let (_stop, shutdown) = watch::channel(false);
+        let (params, stats, mut jitter) = (hello(), ControlStats::default(), WholeCeiling);
+        let (session_link, data_path) = link();
+        let moved = async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            data_path.reconnect.send_modify(|count| *count += 1);
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = run(&config, &params, &connector, &local, &session_link, &stats, &mut jitter, shutdown) => {}
+            () = moved => {}
+            _ = finished.wait_for(|done| *done) => {}
+        }
+        let attempts = connector.attempts.lock().expect("not poisoned").clone();
+        let gaps: Vec<u64> = attempts.windows(2).map(|pair| (pair[1] - pair[0]).as_secs()).collect();
+        // The session of an hour ends after 10 s, the next attempt follows at once; after its
+        // failure, the first backoff delay.
+        assert_eq!(gaps, [10, 1]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -487,8 +541,9 @@ pub(crate) mod tests {
             stop.send(true).expect("the loop listens");
         };
         let (params, stats, mut jitter) = (hello(), ControlStats::default(), WholeCeiling);
+        let (session_link, _data_path) = link();
         let start = Instant::now();
-        tokio::join!(run(&config, &params, &connector, &local, &stats, &mut jitter, shutdown), stopper);
+        tokio::join!(run(&config, &params, &connector, &local, &session_link, &stats, &mut jitter, shutdown), stopper);
         assert_eq!(start.elapsed(), Duration::from_millis(1500), "the loop ended during its 2 s wait");
         assert_eq!(connector.attempts.lock().expect("not poisoned").len(), 2);
     }

@@ -3,6 +3,9 @@
 //!
 //! - [`enroll`]: the device's key pair and credential, and the identity it keeps.
 //! - [`control`]: the push session (WebSocket) with reconnects, acks and reports.
+//! - [`datapath`]: the tunnel to the pool's edges, the proxy on the tunnel address, and the
+//!   applications' certificates, fed by the push session and the desired state.
+//! - [`proxy`]: the device proxy (PROXY v2, TLS by SNI, HTTP or raw TCP to the workload).
 //! - [`service`]: `edgible-agent run`, wiring the reconciler, drivers and session together.
 //! - [`config`]: the binary's command line.
 //! - [`reconcile`]: desired state with revision ordering, the pure plan, and the apply loop.
@@ -15,6 +18,7 @@
 pub mod backoff;
 pub mod config;
 pub mod control;
+pub mod datapath;
 pub mod driver;
 pub mod enroll;
 pub mod events;

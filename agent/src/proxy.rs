@@ -1,7 +1,7 @@
 //! The device proxy: the only listener of a device, bound to its tunnel address.
 //!
-//! Every connection comes from an edge: the source address must be one of the configured edge
-//! addresses (anything else is closed at once), and the stream starts with a PROXY protocol v2
+//! Every connection comes from an edge: the source address must be one of the edges' addresses
+//! ([`EdgeSources`], replaceable while the proxy runs; anything else is closed at once), and the stream starts with a PROXY protocol v2
 //! header carrying the real client address. Then rustls terminates TLS with the certificate
 //! of the SNI name, and the connection is served either as HTTP/1.1 or HTTP/2 (reverse proxied
 //! to the workload on `127.0.0.1:PORT`, see [`http`]) or, for raw applications, spliced as
@@ -48,7 +48,8 @@ pub enum ProxyError {
 pub struct ProxyConfig {
     /// The address to listen on: the device's tunnel address and port 443 in production.
     pub listen: SocketAddr,
-    /// The only source addresses accepted: the tunnel addresses of the pool's edges.
+    /// The only source addresses accepted at first: the tunnel addresses of the pool's edges.
+    /// The set can be replaced while the proxy runs, through [`Proxy::edges`].
     pub edges: HashSet<IpAddr>,
     /// How long a new connection may take to send its PROXY header and finish the TLS
     /// handshake.
@@ -124,6 +125,34 @@ impl RouteTable {
     }
 }
 
+/// The source addresses the proxy accepts connections from (the edges' tunnel addresses),
+/// replaced as a whole when the pool's edges change; each connection is checked once, at
+/// accept, so connections from an edge that went away are not cut.
+#[derive(Debug, Default)]
+pub struct EdgeSources {
+    addresses: RwLock<Arc<HashSet<IpAddr>>>,
+}
+
+impl EdgeSources {
+    pub fn new(addresses: impl IntoIterator<Item = IpAddr>) -> Arc<Self> {
+        Arc::new(Self { addresses: RwLock::new(Arc::new(addresses.into_iter().collect())) })
+    }
+
+    pub fn replace(&self, addresses: impl IntoIterator<Item = IpAddr>) {
+        let addresses = Arc::new(addresses.into_iter().collect());
+        // Replacing one pointer cannot leave the set half-written, so a poisoned lock is fine.
+        *self.addresses.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = addresses;
+    }
+
+    pub fn contains(&self, address: &IpAddr) -> bool {
+        self.snapshot().contains(address)
+    }
+
+    pub fn snapshot(&self) -> Arc<HashSet<IpAddr>> {
+        Arc::clone(&self.addresses.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
 /// Counters of what happened to connections and requests, for metrics and tests.
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
@@ -160,6 +189,7 @@ pub struct Proxy {
 /// What every connection task needs.
 struct Shared {
     config: ProxyConfig,
+    edges: Arc<EdgeSources>,
     acceptor: TlsAcceptor,
     routes: Arc<RouteTable>,
     metrics: Arc<ProxyMetrics>,
@@ -178,6 +208,7 @@ impl Proxy {
             .await
             .map_err(|source| ProxyError::Bind { address: config.listen, source })?;
         let shared = Shared {
+            edges: EdgeSources::new(config.edges.iter().copied()),
             config,
             acceptor: TlsAcceptor::from(Arc::new(tls_config)),
             routes,
@@ -195,6 +226,12 @@ impl Proxy {
         self.shared.metrics.clone()
     }
 
+    /// The accepted source addresses, which start as [`ProxyConfig::edges`] and may be
+    /// replaced while the proxy runs.
+    pub fn edges(&self) -> Arc<EdgeSources> {
+        self.shared.edges.clone()
+    }
+
     /// Accepts connections until `shutdown` turns true (or its sender is dropped). Running
     /// connections are not awaited: they end with their clients or their timeouts.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
@@ -202,7 +239,7 @@ impl Proxy {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        if !self.shared.config.edges.contains(&peer.ip()) {
+                        if !self.shared.edges.contains(&peer.ip()) {
                             ProxyMetrics::count(&self.shared.metrics.refused_source);
                             debug!(%peer, "refused a connection from an address that is not an edge");
                             drop(stream);

@@ -2,7 +2,9 @@
 //!
 //! The reconciler starts first, from what the state directory remembers, so workloads a
 //! previous agent left running are adopted and served whether or not the server answers; the
-//! push session starts beside it. On shutdown the session closes, then the reconciler ends,
+//! push session starts beside it, and the data path (tunnel, proxy, certificates) beside both,
+//! fed by the session through a [`control::link`] and by the reconciler's desired state. On
+//! shutdown the session closes, the data path removes the tunnel, then the reconciler ends,
 //! leaving the workloads running for the next agent unless told to stop them.
 
 use std::future::Future;
@@ -13,6 +15,7 @@ use tokio::sync::watch;
 use crate::backoff::RandomJitter;
 use crate::config::RunConfig;
 use crate::control::{self, ConnectError, ControlStats, HelloParams, WebSocketConnector};
+use crate::datapath::DataPath;
 use crate::driver::{ContainerDriver, Driver, ProcessDriver};
 use crate::enroll::{Enrolled, IdentityError};
 use crate::reconcile::{Drivers, Reconciler, Shutdown};
@@ -57,12 +60,31 @@ pub async fn run(config: &RunConfig, shutdown: impl Future<Output = ()>) -> Resu
     };
 
     let (stop, stopped) = watch::channel(false);
+    let (session_link, data_path_link) = control::link();
+    let (data_path, inputs) = DataPath::new(
+        config.data_path_config(enrolled.private_key.clone()),
+        StateDir::open(&config.state_dir)?,
+        data_path_link,
+        reconciler.desired(),
+        reconciler.events(),
+    );
+    let mut data_path = tokio::spawn(data_path.run(inputs, stop.subscribe()));
     let control_config = config.control_config();
     let local = Arc::clone(&reconciler);
     let stats = Arc::new(ControlStats::default());
     let session_stats = Arc::clone(&stats);
     let mut session = tokio::spawn(async move {
-        control::run(&control_config, &hello, &connector, &local, &session_stats, &mut RandomJitter, stopped).await;
+        control::run(
+            &control_config,
+            &hello,
+            &connector,
+            &local,
+            &session_link,
+            &session_stats,
+            &mut RandomJitter,
+            stopped,
+        )
+        .await;
     });
 
     shutdown.await;
@@ -72,6 +94,11 @@ pub async fn run(config: &RunConfig, shutdown: impl Future<Output = ()>) -> Resu
         tracing::warn!("the push session did not end in time; dropping it");
         session.abort();
         let _ = session.await;
+    }
+    if tokio::time::timeout(config.drain_deadline(), &mut data_path).await.is_err() {
+        tracing::warn!("the data path did not stop in time; dropping it");
+        data_path.abort();
+        let _ = data_path.await;
     }
     let mode = if config.stop_workloads_on_exit { Shutdown::StopWorkloads } else { Shutdown::LeaveRunning };
     match Arc::try_unwrap(reconciler) {

@@ -5,6 +5,8 @@
 //!   state.json          mode 0600: last desired state, applied revision, what runs
 //!   identity.json       mode 0600: the server, the device id and public key (`enroll`)
 //!   secrets/NAME        mode 0600: the device credential, the WireGuard private key
+//!   certs/APP_ID.key    mode 0600: each application's TLS private key (the data path)
+//!   certs/APP_ID.pem    its certificate chain, as the server signed it
 //!   logs/               output files of process workloads
 //!   lock                held (flock) by the agent that uses the directory
 //! ```
@@ -186,6 +188,57 @@ impl StateDir {
         }
     }
 
+    /// Stores a file under the subdirectory `dir` (created mode 0700), atomically and mode 0600.
+    pub fn write_in(&self, dir: &str, name: &str, bytes: &[u8]) -> Result<PathBuf, StateError> {
+        let dir = self.root.join(checked_name(dir)?);
+        fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_error("set permissions of", &dir))?;
+        let path = dir.join(checked_name(name)?);
+        write_atomically(&path, bytes)?;
+        Ok(path)
+    }
+
+    /// Reads a file written by [`StateDir::write_in`], `None` if there is none.
+    pub fn read_in(&self, dir: &str, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let path = self.root.join(checked_name(dir)?).join(checked_name(name)?);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(io_error("read", &path)(error)),
+        }
+    }
+
+    /// Removes a file of the subdirectory `dir`; answers whether there was one.
+    pub fn remove_in(&self, dir: &str, name: &str) -> Result<bool, StateError> {
+        let path = self.root.join(checked_name(dir)?).join(checked_name(name)?);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(io_error("remove", &path)(error)),
+        }
+    }
+
+    /// The names of the files in the subdirectory `dir` (none if it does not exist), without
+    /// temporary files.
+    pub fn list_in(&self, dir: &str) -> Result<Vec<String>, StateError> {
+        let path = self.root.join(checked_name(dir)?);
+        let entries = match fs::read_dir(&path) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(io_error("list", &path)(error)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_error("list", &path))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
     fn secret_path(&self, name: &str) -> Result<PathBuf, StateError> {
         Ok(self.root.join("secrets").join(checked_name(name)?))
     }
@@ -325,6 +378,24 @@ mod tests {
         for bad in ["", "../state.json", "a/b", ".hidden"] {
             assert!(matches!(dir.write_secret(bad, b"x"), Err(StateError::SecretName(_))), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn files_in_subdirectories_are_private_listed_and_removed() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = StateDir::open(temp.path()).expect("open");
+        assert_eq!(dir.list_in("certs").expect("list"), Vec::<String>::new());
+        let path = dir.write_in("certs", "a.key", b"key").expect("write");
+        dir.write_in("certs", "a.pem", b"pem").expect("write");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.root().join("certs")), 0o700);
+        assert_eq!(dir.read_in("certs", "a.key").expect("read").as_deref(), Some(&b"key"[..]));
+        assert_eq!(dir.list_in("certs").expect("list"), ["a.key", "a.pem"]);
+        assert!(dir.remove_in("certs", "a.key").expect("remove"));
+        assert!(!dir.remove_in("certs", "a.key").expect("remove again"));
+        assert_eq!(dir.read_in("certs", "a.key").expect("read"), None);
+        assert!(matches!(dir.write_in("..", "x", b"x"), Err(StateError::SecretName(_))));
+        assert!(matches!(dir.write_in("certs", "../x", b"x"), Err(StateError::SecretName(_))));
     }
 
     #[test]

@@ -5,19 +5,23 @@
 //! channels. After `welcome` it runs three parts concurrently in the caller's task:
 //!
 //! - The reader takes every frame the server sends, decodes it with the bounded
-//!   `protocol::decode`, queues `application_update`s and `pong`s. A frame it cannot read is
-//!   logged, counted and answered with an `error` frame, and the session goes on; an `error`
-//!   from the server is logged and never answered, so errors cannot bounce between the two.
-//!   Silence longer than a few of the server's ping intervals means the server is gone.
+//!   `protocol::decode`, queues `application_update`s and `pong`s, and hands `edges` and
+//!   `certificate`s to the data path through the [`SessionLink`] without waiting for it. A
+//!   frame it cannot read is logged, counted and answered with an `error` frame, and the
+//!   session goes on; an `error` from the server is logged and never answered, so errors
+//!   cannot bounce between the two. Silence longer than a few of the server's ping intervals
+//!   means the server is gone. The `welcome` (the pool's tunnel network) goes to the data path
+//!   too.
 //! - The applier hands the queued updates to the reconciler in order (it persists them and
 //!   ignores stale ones). It is apart from the reader because the reconciler may be busy for a
 //!   while, stopping a workload within its grace period, and pings must be answered meanwhile.
 //! - The writer owns the sink. It sends queued pongs and errors first, then `ack`s and
 //!   `status` when the reconciler's report changes, and every `flush_interval` the lifecycle
-//!   events and log lines the reconciler and drivers buffered. It pulls from those bounded rings only when the
-//!   previous frame was written, so a slow server never blocks the reconciler or grows the
-//!   agent: the rings drop their oldest entries and count them, and the count goes out with the
-//!   next `logs` frame (and as an event, for events).
+//!   events and log lines the reconciler and drivers buffered, and the `certificate_request`s
+//!   the data path queued. It pulls from those bounded rings only when the previous frame was
+//!   written, so a slow server never blocks the reconciler or grows the agent: the rings drop
+//!   their oldest entries and count them, and the count goes out with the next `logs` frame
+//!   (and as an event, for events).
 
 use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +35,7 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 
+use super::link::{CertificateRequest, IssuedCertificate, SessionLink};
 use super::transport::Frame;
 use super::{ControlConfig, Local};
 use crate::reconcile::{DesiredUpdate, ReconcileError, UpdateOutcome};
@@ -129,10 +134,12 @@ impl ControlStats {
 }
 
 /// Runs one session over an open connection until it ends or `shutdown` becomes true.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<Tx, Rx, E, L>(
     config: &ControlConfig,
     hello: &HelloParams,
     local: &L,
+    link: &SessionLink,
     stats: &ControlStats,
     mut tx: Tx,
     mut rx: Rx,
@@ -146,7 +153,7 @@ where
     L: Local + ?Sized,
 {
     ControlStats::bump(&stats.sessions);
-    let mut session = Session { config, local, stats, offered: None };
+    let mut session = Session { config, local, link, stats, offered: None };
     let mut welcomed_at = None;
     let end = tokio::select! {
         end = session.serve(hello, &mut tx, &mut rx, &mut welcomed_at) => end,
@@ -163,6 +170,7 @@ where
 struct Session<'a, L: ?Sized> {
     config: &'a ControlConfig,
     local: &'a L,
+    link: &'a SessionLink,
     stats: &'a ControlStats,
     /// The newest revision the server sent in this session: acks never go beyond it.
     offered: Option<Revision>,
@@ -210,6 +218,7 @@ impl<L: Local + ?Sized> Session<'_, L> {
         let silence = ping_interval.saturating_mul(self.config.missed_pings.max(1));
         tracing::info!(ping_interval_seconds = ping_interval.as_secs(), "connected to the server");
         let offered = self.offered;
+        let mut requests = self.link.requests().await;
         let mut writer = Writer::new(self.config, self.local, self.stats, offered);
         let (outgoing, queued) = mpsc::channel(self.config.outgoing_capacity.max(1));
         let (updates, pending) = mpsc::channel(self.config.update_queue.max(1));
@@ -218,7 +227,7 @@ impl<L: Local + ?Sized> Session<'_, L> {
             // same moment must not hide that reason.
             biased;
             end = self.read(rx, silence, &outgoing, &updates) => end,
-            end = writer.run(tx, queued) => end,
+            end = writer.run(tx, queued, &mut requests) => end,
             end = apply(self.local, self.stats, pending, &outgoing) => end,
         }
     }
@@ -248,8 +257,15 @@ impl<L: Local + ?Sized> Session<'_, L> {
                 }
             };
             match message {
-                ServerMessage::Welcome { device_id, tunnel_address, server_version, ping_interval_seconds, .. } => {
-                    tracing::debug!(%device_id, %tunnel_address, %server_version, "welcomed");
+                ServerMessage::Welcome {
+                    device_id,
+                    tunnel_address,
+                    server_version,
+                    ping_interval_seconds,
+                    tunnel_cidr,
+                } => {
+                    tracing::debug!(%device_id, %tunnel_address, ?tunnel_cidr, %server_version, "welcomed");
+                    self.link.welcomed(tunnel_address, tunnel_cidr);
                     let interval = ping_interval_seconds
                         .filter(|seconds| *seconds > 0)
                         .map_or(self.config.default_ping_interval, Duration::from_secs);
@@ -265,8 +281,8 @@ impl<L: Local + ?Sized> Session<'_, L> {
                     // Before welcome, the writer is not running yet: answer directly.
                     send(self.config, tx, &AgentMessage::Pong { nonce }).await?;
                 }
-                ServerMessage::Edges { .. } | ServerMessage::Certificate { .. } => {
-                    // TODO(data path): handed to the tunnel and the proxy.
+                message @ (ServerMessage::Edges { .. } | ServerMessage::Certificate { .. }) => {
+                    self.data_path(message);
                 }
                 update @ ServerMessage::ApplicationUpdate { .. } => {
                     let Some(update) = DesiredUpdate::from_message(update) else { continue };
@@ -329,8 +345,8 @@ impl<L: Local + ?Sized> Session<'_, L> {
                         None => Ok(()),
                     }
                 }
-                ServerMessage::Edges { .. } | ServerMessage::Certificate { .. } => {
-                    // TODO(data path): handed to the tunnel and the proxy.
+                message @ (ServerMessage::Edges { .. } | ServerMessage::Certificate { .. }) => {
+                    self.data_path(message);
                     Ok(())
                 }
                 ServerMessage::Welcome { .. } => {
@@ -347,6 +363,21 @@ impl<L: Local + ?Sized> Session<'_, L> {
             if let Err(end) = result {
                 return end;
             }
+        }
+    }
+
+    /// Hands what the server says about the data path to it, without waiting.
+    fn data_path(&self, message: ServerMessage) {
+        match message {
+            ServerMessage::Edges { edges } => {
+                tracing::debug!(edges = edges.len(), "the pool's edges");
+                self.link.edges(edges);
+            }
+            ServerMessage::Certificate { application_id, chain_pem, hostnames, not_after } => {
+                tracing::debug!(%application_id, %not_after, "a certificate");
+                self.link.certificate(IssuedCertificate { application_id, chain_pem, hostnames, not_after });
+            }
+            _ => {}
         }
     }
 
@@ -456,7 +487,12 @@ impl<'a, L: Local + ?Sized> Writer<'a, L> {
         Self { config, local, stats, offered, acked: None, status: None }
     }
 
-    async fn run<Tx>(&mut self, tx: &mut Tx, mut queued: mpsc::Receiver<Outgoing>) -> SessionEnd
+    async fn run<Tx>(
+        &mut self,
+        tx: &mut Tx,
+        mut queued: mpsc::Receiver<Outgoing>,
+        requests: &mut mpsc::Receiver<CertificateRequest>,
+    ) -> SessionEnd
     where
         Tx: Sink<Frame> + Unpin,
         Tx::Error: Display,
@@ -465,6 +501,8 @@ impl<'a, L: Local + ?Sized> Writer<'a, L> {
         let mut flush = tokio::time::interval(self.config.flush_interval);
         flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
         report.mark_changed();
+        // Closed once the data path is gone (in tests without one): then never polled again.
+        let mut requests_open = true;
         let result: Result<(), SessionEnd> = async {
             loop {
                 tokio::select! {
@@ -485,6 +523,13 @@ impl<'a, L: Local + ?Sized> Writer<'a, L> {
                         }
                         self.sync(tx, &mut report).await?;
                     }
+                    request = requests.recv(), if requests_open => match request {
+                        Some(CertificateRequest { application_id, csr_pem }) => {
+                            tracing::info!(%application_id, "requesting a certificate");
+                            send(self.config, tx, &AgentMessage::CertificateRequest { application_id, csr_pem }).await?;
+                        }
+                        None => requests_open = false,
+                    },
                     _ = flush.tick() => self.flush(tx, &report).await?,
                 }
             }
@@ -658,25 +703,39 @@ mod tests {
     use edgible::protocol::v1::{Phase, Stream as LogStream};
 
     use super::*;
+    use crate::control::DataPathLink;
     use crate::control::tests::{FakeLocal, FakeServer, hello};
     use crate::logs::LogLimits;
     use crate::reconcile::plan::tests::application;
 
     type Outcome = tokio::task::JoinHandle<SessionOutcome>;
 
-    /// Starts a session against a fake server whose unread frames are bounded by `capacity`.
+    /// Starts a session against a fake server whose unread frames are bounded by `capacity`,
+    /// without a data path.
     fn start(
         config: ControlConfig,
         local: Arc<FakeLocal>,
         capacity: usize,
     ) -> (FakeServer, Arc<ControlStats>, watch::Sender<bool>, Outcome) {
+        let (server, stats, stop, outcome, _data_path) = start_linked(config, local, capacity);
+        (server, stats, stop, outcome)
+    }
+
+    /// Starts a session as [`start`] does, and answers the data path's end of its link too.
+    fn start_linked(
+        config: ControlConfig,
+        local: Arc<FakeLocal>,
+        capacity: usize,
+    ) -> (FakeServer, Arc<ControlStats>, watch::Sender<bool>, Outcome, DataPathLink) {
         let (server, tx, rx) = FakeServer::pair(capacity);
         let stats = Arc::new(ControlStats::default());
         let (stop, mut shutdown) = watch::channel(false);
         let session_stats = Arc::clone(&stats);
-        let outcome =
-            tokio::spawn(async move { run(&config, &hello(), &*local, &session_stats, tx, rx, &mut shutdown).await });
-        (server, stats, stop, outcome)
+        let (session_link, data_path) = crate::control::link();
+        let outcome = tokio::spawn(async move {
+            run(&config, &hello(), &*local, &session_link, &session_stats, tx, rx, &mut shutdown).await
+        });
+        (server, stats, stop, outcome, data_path)
     }
 
     fn update(revision: Revision, full: bool, names: &[&str]) -> ServerMessage {
@@ -983,5 +1042,59 @@ mod tests {
         let frames = log_frames(application_id, vec![line("\u{1}".repeat(MAX_FRAME_BYTES))], 0);
         assert_eq!(frames.len(), 1);
         assert!(frames[0].len() <= MAX_FRAME_BYTES);
+    }
+
+    #[tokio::test]
+    async fn the_data_path_hears_welcome_edges_and_certificates_and_its_requests_are_sent() {
+        let local = Arc::new(FakeLocal::new(true));
+        let (mut server, _stats, _stop, outcome, mut data_path) =
+            start_linked(ControlConfig::default(), Arc::clone(&local), 64);
+        server.next().await;
+        let tunnel_cidr: ipnet::Ipv4Net = "100.96.0.0/16".parse().expect("a network");
+        let welcome = ServerMessage::Welcome {
+            device_id: DeviceId::new(),
+            tunnel_address: std::net::Ipv4Addr::new(100, 96, 0, 2),
+            server_version: "test".into(),
+            ping_interval_seconds: Some(20),
+            tunnel_cidr: Some(tunnel_cidr),
+        };
+        server.send(&welcome).await;
+        let welcomed = data_path.welcomed.wait_for(Option::is_some).await.expect("the link is up").clone();
+        assert_eq!(
+            welcomed.as_ref().map(|welcomed| (welcomed.session, welcomed.tunnel_cidr)),
+            Some((1, Some(tunnel_cidr)))
+        );
+
+        let edge = edgible::protocol::v1::EdgePeer {
+            edge_id: edgible::model::EdgeId::new(),
+            public_key: "e".repeat(43) + "=",
+            endpoint: "edge.example.test:51820".into(),
+            tunnel_address: std::net::Ipv4Addr::new(100, 96, 0, 1),
+        };
+        server.send(&ServerMessage::Edges { edges: vec![edge.clone()] }).await;
+        let edges = data_path.edges.wait_for(Option::is_some).await.expect("the link is up").clone();
+        assert_eq!(edges, Some(vec![edge]));
+
+        let application_id = ApplicationId::new();
+        let certificate = ServerMessage::Certificate {
+            application_id,
+            chain_pem: "-----BEGIN CERTIFICATE-----".into(),
+            hostnames: vec!["web.example.test".parse().expect("a hostname")],
+            not_after: Utc::now(),
+        };
+        server.send(&certificate).await;
+        let issued = tokio::time::timeout(Duration::from_secs(30), data_path.certificates.recv())
+            .await
+            .expect("in time")
+            .expect("a certificate");
+        assert_eq!((issued.application_id, issued.hostnames.len()), (application_id, 1));
+
+        let request = CertificateRequest { application_id, csr_pem: "csr".into() };
+        data_path.requests.send(request).await.expect("the session listens");
+        let sent = server
+            .until("a certificate request", |message| matches!(message, AgentMessage::CertificateRequest { .. }))
+            .await;
+        assert_eq!(sent, AgentMessage::CertificateRequest { application_id, csr_pem: "csr".into() });
+        assert!(!outcome.is_finished());
     }
 }

@@ -45,17 +45,7 @@ impl CertificateStore {
     /// Installs (or replaces) the certificate served for `name` from a PEM chain (leaf first)
     /// and a PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub fn insert_pem(&self, name: &str, chain_pem: &[u8], key_pem: &[u8]) -> Result<(), CertificateError> {
-        let chain = CertificateDer::pem_slice_iter(chain_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(CertificateError::ChainPem)?;
-        if chain.is_empty() {
-            return Err(CertificateError::EmptyChain);
-        }
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(CertificateError::KeyPem)?;
-        let signing_key = any_supported_type(&key).map_err(CertificateError::Key)?;
-        let certified = CertifiedKey::new(chain, signing_key);
-        certified.keys_match().map_err(CertificateError::Mismatch)?;
-        self.insert(name, Arc::new(certified));
+        self.insert(name, certified_key(chain_pem, key_pem)?);
         Ok(())
     }
 
@@ -81,6 +71,21 @@ impl CertificateStore {
         // removes are single calls), so a poisoned lock is still a consistent map.
         self.certificates.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// A certificate ready to serve, from a PEM chain (leaf first) and a PEM private key (PKCS#8,
+/// PKCS#1 or SEC1), checked to belong together.
+pub fn certified_key(chain_pem: &[u8], key_pem: &[u8]) -> Result<Arc<CertifiedKey>, CertificateError> {
+    let chain =
+        CertificateDer::pem_slice_iter(chain_pem).collect::<Result<Vec<_>, _>>().map_err(CertificateError::ChainPem)?;
+    if chain.is_empty() {
+        return Err(CertificateError::EmptyChain);
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(CertificateError::KeyPem)?;
+    let signing_key = any_supported_type(&key).map_err(CertificateError::Key)?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(CertificateError::Mismatch)?;
+    Ok(Arc::new(certified))
 }
 
 /// Looks `name` up in a table keyed by lowercase names and `*.`-wildcards: exact first, then

@@ -174,6 +174,8 @@ pub struct Reconciler {
     jitter: Box<dyn Jitter + Send>,
     events: EventLog,
     report: watch::Sender<AgentReport>,
+    /// The desired state as taken, for the data path (routes and certificates).
+    desired_watch: watch::Sender<Arc<DesiredState>>,
     last_saved: Vec<u8>,
 }
 
@@ -201,7 +203,9 @@ impl Reconciler {
             .collect();
         let (report, _) =
             watch::channel(AgentReport { applied_revision: persisted.applied_revision, ..AgentReport::default() });
+        let (desired_watch, _) = watch::channel(Arc::new(persisted.desired.clone()));
         Ok(Self {
+            desired_watch,
             events: EventLog::new(config.event_capacity),
             config,
             state_dir,
@@ -237,6 +241,11 @@ impl Reconciler {
         self.report.subscribe()
     }
 
+    /// The desired state, as persisted on start and then as each update is taken.
+    pub fn watch_desired(&self) -> watch::Receiver<Arc<DesiredState>> {
+        self.desired_watch.subscribe()
+    }
+
     /// Takes a desired-state update, persisting it first: an update that cannot be persisted
     /// is not taken (and must not be acknowledged).
     pub fn update(&mut self, update: DesiredUpdate) -> Result<UpdateOutcome, StateError> {
@@ -247,6 +256,7 @@ impl Reconciler {
             persisted.desired = desired.clone();
             self.save(&persisted)?;
             self.stopped.retain(|application_id, _| !desired.applications.contains_key(application_id));
+            self.desired_watch.send_replace(Arc::new(desired.clone()));
             self.desired = desired;
             self.wake.wake();
         }
@@ -644,10 +654,11 @@ impl Reconciler {
     pub fn spawn(self) -> ReconcilerHandle {
         let (commands, receiver) = mpsc::channel(64);
         let report = self.subscribe();
+        let desired = self.watch_desired();
         let drivers = self.drivers.clone();
         let events = self.events.clone();
         let task = tokio::spawn(self.run(receiver));
-        ReconcilerHandle { commands, report, drivers, events, task }
+        ReconcilerHandle { commands, report, desired, drivers, events, task }
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
@@ -691,6 +702,7 @@ enum Command {
 pub struct ReconcilerHandle {
     commands: mpsc::Sender<Command>,
     report: watch::Receiver<AgentReport>,
+    desired: watch::Receiver<Arc<DesiredState>>,
     drivers: Drivers,
     events: EventLog,
     task: JoinHandle<()>,
@@ -712,6 +724,11 @@ impl ReconcilerHandle {
 
     pub fn logs(&self, application_id: ApplicationId) -> Option<LogBuffer> {
         self.drivers.logs(application_id)
+    }
+
+    /// The desired state: what the state directory held at start, then each update taken.
+    pub fn desired(&self) -> watch::Receiver<Arc<DesiredState>> {
+        self.desired.clone()
     }
 
     pub fn events(&self) -> EventLog {

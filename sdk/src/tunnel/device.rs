@@ -188,6 +188,21 @@ impl Tunnel {
         Ok(changes)
     }
 
+    /// Makes every peer with a known endpoint hear from this side now: a keepalive on a live
+    /// session, or a handshake initiation without one. Call it when this host's addresses
+    /// changed (it moved networks) so that peers learn its new address within a round trip
+    /// rather than at the next persistent keepalive, and when the application above suspects
+    /// the path (a control connection that came back). Sent from the calling thread; send errors
+    /// are logged, never fatal.
+    pub fn nudge(&self) {
+        let mut to_net = PacketBatch::growable(8);
+        engine::process_nudge(&self.shared.table(), &mut to_net, &Clock::now());
+        if let Err(error) = io::write_udp(&self.shared.socket, &to_net, &self.shared.waker) {
+            tracing::warn!(interface = %self.shared.interface_name, %error, "cannot nudge the tunnel's peers");
+        }
+        tracing::debug!(interface = %self.shared.interface_name, "nudged the peers");
+    }
+
     /// The configured peer set (as last given, not as learned: see [`Tunnel::stats`]).
     pub fn peers(&self) -> Vec<PeerConfig> {
         self.shared.table().configs().to_vec()

@@ -281,6 +281,21 @@ impl Peer {
             to_net.commit(len, endpoint);
         }
     }
+    /// Sends something authenticated to the peer right now: a keepalive on a live session, or a
+    /// handshake initiation without one (none while a handshake is already under way). Used when
+    /// this side's network changed, so that the peer learns the new address at once instead of
+    /// at the next persistent keepalive.
+    fn nudge(&self, to_net: &mut PacketBatch, now: Instant) {
+        let mut state = self.lock();
+        let Some(endpoint) = state.endpoint else { return };
+        let Some(slot) = to_net.free_slot() else { return };
+        if let TunnResult::WriteToNetwork(datagram) = state.tunn.encapsulate(&[], slot) {
+            let len = datagram.len();
+            state.tx_bytes += len as u64;
+            state.last_sent = Some(now);
+            to_net.commit(len, Some(endpoint));
+        }
+    }
 }
 
 impl PeerState {
@@ -454,6 +469,14 @@ pub(crate) fn process_ingress(
 pub(crate) fn process_timers(table: &PeerTable, to_net: &mut PacketBatch, clock: &Clock) {
     for peer in table.by_key.values() {
         peer.tick(to_net, clock.now);
+    }
+}
+
+/// Nudge: every peer with an endpoint gets a keepalive or a handshake initiation now (see
+/// [`Peer::nudge`]).
+pub(crate) fn process_nudge(table: &PeerTable, to_net: &mut PacketBatch, clock: &Clock) {
+    for peer in table.by_key.values() {
+        peer.nudge(to_net, clock.now);
     }
 }
 
@@ -690,5 +713,39 @@ mod tests {
         to_net.clear();
         process_timers(&device.table, &mut to_net, &Clock::now());
         assert!(to_net.is_empty());
+    }
+
+    #[test]
+    fn a_nudge_sends_a_keepalive_that_moves_the_peers_view_at_once() {
+        let (device, edge, _) = connected();
+        let mut to_net = PacketBatch::growable(2);
+        process_nudge(&device.table, &mut to_net, &Clock::now());
+        assert_eq!(to_net.len(), 1);
+        assert_eq!(to_net.get(0).0[0], DATA, "a keepalive on the live session");
+        assert_eq!(to_net.get(0).1, edge.address);
+
+        // The device moved networks: its nudge, from the new address, moves the edge's view.
+        let moved: SocketAddr = "198.51.100.2:40000".parse().unwrap();
+        let (delivered, answers) = edge.receive(&to_net, moved);
+        assert!(delivered.is_empty() && answers.is_empty(), "a keepalive carries no packet");
+        assert_eq!(edge.stats_of(device.identity.public_key()).endpoint, Some(moved));
+    }
+
+    #[test]
+    fn a_nudge_without_a_session_starts_a_handshake_once() {
+        let mut device = Side::new("192.0.2.2:40000");
+        let edge = Side::new("192.0.2.1:51820");
+        let learned = Side::new("192.0.2.3:40000");
+        device.set_peers(vec![
+            config(&edge, Some(edge.address), &["100.64.0.1/32"]),
+            config(&learned, None, &["100.64.0.3/32"]),
+        ]);
+        let mut to_net = PacketBatch::growable(2);
+        process_nudge(&device.table, &mut to_net, &Clock::now());
+        assert_eq!(to_net.len(), 1, "nothing for a peer whose endpoint is unknown");
+        assert_eq!(to_net.get(0).0[0], 1, "a handshake initiation");
+        to_net.clear();
+        process_nudge(&device.table, &mut to_net, &Clock::now());
+        assert!(to_net.is_empty(), "not again while the handshake is under way");
     }
 }
