@@ -27,9 +27,9 @@ use futures::Stream;
 use crate::model::{
     ApiKey, ApiKeyCreated, ApiKeyId, ApiKeySpec, Application, ApplicationId, ApplicationLogs, ApplicationSpec,
     ApplicationStatus, Device, DeviceCreated, DeviceId, DevicePool, DevicePoolId, DevicePoolSpec, DeviceSpec, Edge,
-    EdgeCreated, EdgeId, EdgeSpec, Enrollment, EnrollmentRequest, ErrorBody, Event, LogEntry, Member, MemberId,
-    MemberSpec, Organization, OrganizationCreated, OrganizationId, OrganizationSpec, Page, Placement, PlacementId,
-    PlacementSpec, Revision,
+    EdgeCreated, EdgeEnrollment, EdgeId, EdgeSpec, Enrollment, EnrollmentRequest, ErrorBody, Event, LogEntry, Member,
+    MemberId, MemberSpec, Organization, OrganizationCreated, OrganizationId, OrganizationSpec, Page, Placement,
+    PlacementId, PlacementSpec, Revision,
 };
 
 /// What went wrong talking to the server, and whether the server said so.
@@ -314,6 +314,40 @@ impl Client {
             .await
             .map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
         decode(check_status(response).await?, &url).await
+    }
+
+    /// Exchanges an edge's one-time enrollment token for its long-lived credential, recording
+    /// the edge's WireGuard public key; the answer also carries the pool's network. Needs no
+    /// API key: the token is the authority. A used token answers 401, an expired one 410.
+    pub async fn edge_enroll(endpoint: &str, request: &EnrollmentRequest) -> Result<EdgeEnrollment, ClientError> {
+        let client = Client::new(endpoint, "")?;
+        let url = client.url("v1/edge/enroll")?;
+        let response = client
+            .http
+            .post(url.clone())
+            .json(request)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
+        decode(check_status(response).await?, &url).await
+    }
+
+    /// The certificate of the server's internal CA (PEM), which signs the certificates devices
+    /// serve. Public: no API key is sent.
+    pub async fn ca_pem(endpoint: &str) -> Result<String, ClientError> {
+        let client = Client::new(endpoint, "")?;
+        let url = client.url("v1/ca.pem")?;
+        let response = client
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
+        check_status(response)
+            .await?
+            .text()
+            .await
+            .map_err(|source| ClientError::Transport { url: url.to_string(), source })
     }
 
     /// What the application's device last reported about it.

@@ -7,6 +7,8 @@ mod api_keys;
 mod applications;
 mod device_pools;
 mod devices;
+mod edge_session;
+mod edges;
 pub mod error;
 pub mod extract;
 mod members;
@@ -58,6 +60,8 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/device-pools/{id}", get(device_pools::get).put(device_pools::update).delete(device_pools::delete))
         .route("/v1/devices", get(devices::list).post(devices::create))
         .route("/v1/devices/{id}", get(devices::get).put(devices::update).delete(devices::delete))
+        .route("/v1/edges", get(edges::list).post(edges::create))
+        .route("/v1/edges/{id}", get(edges::get).put(edges::update).delete(edges::delete))
         .route("/v1/applications", get(applications::list).post(applications::create))
         .route("/v1/applications/{id}", get(applications::get).put(applications::update).delete(applications::delete))
         .route("/v1/placements", get(placements::list).post(placements::create))
@@ -67,6 +71,9 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/events", get(reports::events))
         .route("/v1/agent/enroll", post(agents::enroll))
         .route("/v1/agent/connect", get(agents::connect))
+        .route("/v1/edge/enroll", post(edge_session::enroll))
+        .route("/v1/edge/connect", get(edge_session::connect))
+        .route("/v1/ca.pem", get(edge_session::ca_pem))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::record))
@@ -139,10 +146,12 @@ fn tagged<T: Serialize>(status: StatusCode, revision: Revision, value: T) -> Res
         api_keys::list, api_keys::create, api_keys::get, api_keys::update, api_keys::delete,
         device_pools::list, device_pools::create, device_pools::get, device_pools::update, device_pools::delete,
         devices::list, devices::create, devices::get, devices::update, devices::delete,
+        edges::list, edges::create, edges::get, edges::update, edges::delete,
         applications::list, applications::create, applications::get, applications::update, applications::delete,
         placements::list, placements::create, placements::get, placements::update, placements::delete,
         reports::status, reports::logs, reports::events,
         agents::enroll, agents::connect,
+        edge_session::enroll, edge_session::connect, edge_session::ca_pem,
     ),
     components(schemas(edgible::model::ErrorBody, edgible::model::ErrorDetail)),
     modifiers(&BearerAuth),
@@ -154,6 +163,7 @@ fn tagged<T: Serialize>(status: StatusCode, revision: Revision, value: T) -> Res
         (name = "api-keys", description = "Keys for the API; secrets are shown once"),
         (name = "device-pools", description = "Tunnel networks devices are addressed from"),
         (name = "devices", description = "Machines that run applications"),
+        (name = "edges", description = "Public entry points of pools: enrollment, their push session, the internal CA"),
         (name = "applications", description = "Workloads and how they are exposed"),
         (name = "placements", description = "Where each application runs"),
         (name = "events", description = "Lifecycle events agents reported"),

@@ -12,8 +12,10 @@
 mod agents;
 mod api_keys;
 mod applications;
+mod certificate_authority;
 mod device_pools;
 mod devices;
+mod edges;
 mod entities;
 mod members;
 mod migration;
@@ -26,17 +28,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use edgible::model::{DeviceId, Page, Revision};
+use edgible::model::{DeviceId, DevicePoolId, EdgeId, Page, Revision};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbErr,
-    EntityTrait, PaginatorTrait, QueryFilter, SqlErr, TransactionTrait,
+    EntityTrait, PaginatorTrait, QueryFilter, QuerySelect, SqlErr, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 pub use self::agents::{EVENTS_KEPT, EnrollError, EventQuery, StatusReport};
+pub use self::edges::EdgeEnrolled;
 
 /// Why a database operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -99,9 +102,42 @@ pub struct PageRequest {
     pub name: Option<String>,
 }
 
-/// Called after a write committed, with the devices whose desired state (the applications
-/// placed on them) it changed, or which it deleted.
-pub type DesiredListener = Arc<dyn Fn(&[DeviceId]) + Send + Sync>;
+/// Whose sessions a committed write concerns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Woken {
+    /// Devices whose desired state (the applications placed on them) the write changed, which
+    /// it deleted, or whose pool's set of edges it changed.
+    pub devices: Vec<DeviceId>,
+    /// Edges whose configuration (the devices and routes of their pool) may have changed, or
+    /// which the write deleted.
+    pub edges: Vec<EdgeId>,
+}
+
+impl Woken {
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty() && self.edges.is_empty()
+    }
+
+    fn add_devices(&mut self, devices: impl IntoIterator<Item = DeviceId>) {
+        for device in devices {
+            if !self.devices.contains(&device) {
+                self.devices.push(device);
+            }
+        }
+    }
+
+    fn add_edges(&mut self, edges: impl IntoIterator<Item = EdgeId>) {
+        for edge in edges {
+            if !self.edges.contains(&edge) {
+                self.edges.push(edge);
+            }
+        }
+    }
+}
+
+/// Called after a write committed (or a device went online or offline) with the sessions
+/// that must re-read their state.
+pub type DesiredListener = Arc<dyn Fn(&Woken) + Send + Sync>;
 
 /// The database handle shared by all requests. Cheap to clone.
 #[derive(Clone)]
@@ -157,7 +193,8 @@ impl Db {
         Ok(Db { conn, write_lock, listener: Arc::default() })
     }
 
-    /// Sets who is told, after each commit, which devices' desired state changed.
+    /// Sets who is told, after each commit, which devices' desired state and which edges'
+    /// configuration may have changed.
     pub fn set_desired_listener(&self, listener: DesiredListener) {
         // A poisoned lock only means a panic elsewhere while swapping listeners.
         *self.listener.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(listener);
@@ -189,6 +226,7 @@ impl Db {
             ("api_keys", entities::api_key::Entity::find().count(&self.conn).await?),
             ("device_pools", entities::device_pool::Entity::find().count(&self.conn).await?),
             ("devices", entities::device::Entity::find().count(&self.conn).await?),
+            ("edges", entities::edge::Entity::find().count(&self.conn).await?),
             ("applications", entities::application::Entity::find().count(&self.conn).await?),
             ("placements", entities::placement::Entity::find().count(&self.conn).await?),
         ])
@@ -234,8 +272,8 @@ struct Write {
     txn: DatabaseTransaction,
     revision: Revision,
     now: DateTime<Utc>,
-    /// Devices whose desired state this write changed, told to the listener after commit.
-    touched: std::sync::Mutex<Vec<DeviceId>>,
+    /// Sessions this write concerns, told to the listener after commit.
+    touched: std::sync::Mutex<Woken>,
     listener: Option<DesiredListener>,
     _guard: Option<OwnedMutexGuard<()>>,
 }
@@ -265,11 +303,21 @@ impl Write {
     }
 
     /// Records that this write changes what `devices` should run: their desired revision
-    /// becomes this write's revision (in this transaction), and their sessions are woken
-    /// after commit.
+    /// becomes this write's revision (in this transaction), and their sessions, and those of
+    /// their pools' edges (whose routes follow placements), are woken after commit.
     async fn change_desired(&self, devices: &[DeviceId]) -> Result<(), StoreError> {
         if devices.is_empty() {
             return Ok(());
+        }
+        let pools: Vec<uuid::Uuid> = entities::device::Entity::find()
+            .select_only()
+            .column(entities::device::Column::PoolId)
+            .filter(entities::device::Column::Id.is_in(devices.iter().map(|device| device.0)))
+            .into_tuple()
+            .all(&self.txn)
+            .await?;
+        for pool in pools {
+            self.touch_pool_edges(DevicePoolId(pool)).await?;
         }
         entities::device::Entity::update_many()
             .col_expr(
@@ -283,14 +331,40 @@ impl Write {
         Ok(())
     }
 
-    /// Records that `devices` must hear about this write after commit (they were deleted).
+    /// Records that `devices` must hear about this write after commit (they were deleted, or
+    /// their pool's edges changed).
     fn touch(&self, devices: &[DeviceId]) {
-        let mut touched = self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for device in devices {
-            if !touched.contains(device) {
-                touched.push(*device);
-            }
-        }
+        self.touched().add_devices(devices.iter().copied());
+    }
+
+    /// Records that `edges` must hear about this write after commit.
+    fn touch_edges(&self, edges: &[EdgeId]) {
+        self.touched().add_edges(edges.iter().copied());
+    }
+
+    /// Records that the edges of `pool` must re-read their configuration after commit.
+    async fn touch_pool_edges(&self, pool: DevicePoolId) -> Result<(), StoreError> {
+        let edges = edges::edges_of_pool(&self.txn, pool).await?;
+        self.touch_edges(&edges);
+        Ok(())
+    }
+
+    /// Records that the devices of `pool` must hear about this write after commit: the set of
+    /// the pool's edges changed.
+    async fn touch_pool_devices(&self, pool: DevicePoolId) -> Result<(), StoreError> {
+        let devices: Vec<uuid::Uuid> = entities::device::Entity::find()
+            .select_only()
+            .column(entities::device::Column::Id)
+            .filter(entities::device::Column::PoolId.eq(pool.0))
+            .into_tuple()
+            .all(&self.txn)
+            .await?;
+        self.touch(&devices.into_iter().map(DeviceId).collect::<Vec<_>>());
+        Ok(())
+    }
+
+    fn touched(&self) -> std::sync::MutexGuard<'_, Woken> {
+        self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn revision_column(&self) -> i64 {

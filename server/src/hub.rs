@@ -1,4 +1,4 @@
-//! The WebSocket hub: one session per connected peer (agents now, edges later), and the
+//! The WebSocket hub: one session per connected peer (agents and edges), and the
 //! fan-out that wakes a peer's session when its desired state changed.
 //!
 //! [`Hub`] is generic over the peer key, so edges get their own `Hub<EdgeId>` with the same
@@ -13,6 +13,7 @@
 //! them with `LISTEN/NOTIFY`, each replica waking the sessions it holds.
 
 pub mod agent;
+pub mod edge;
 pub mod heartbeat;
 pub mod transport;
 

@@ -135,6 +135,15 @@ impl Metrics {
         out
     }
 
+    /// The edge hub's metrics as Prometheus text: the number of connected edges.
+    pub fn render_edge_hub(&self, connected_edges: usize) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP edgible_hub_connected_edges Edges with an open session.\n");
+        out.push_str("# TYPE edgible_hub_connected_edges gauge\n");
+        let _ = writeln!(out, "edgible_hub_connected_edges {connected_edges}");
+        out
+    }
+
     /// The metrics as Prometheus text, with the given object counts as gauges.
     pub fn render(&self, objects: &[(&'static str, u64)]) -> String {
         let series = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

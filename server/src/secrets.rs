@@ -14,6 +14,11 @@ pub const API_KEY_PREFIX: &str = "edg_";
 pub const ENROLLMENT_TOKEN_PREFIX: &str = "edgenr_";
 /// How device credentials start.
 pub const DEVICE_CREDENTIAL_PREFIX: &str = "edgdev_";
+/// How edge enrollment tokens start. The same prefix as devices': both are one-time
+/// enrollment tokens, looked up in their own table.
+pub const EDGE_ENROLLMENT_TOKEN_PREFIX: &str = "edgenr_";
+/// How edge credentials start.
+pub const EDGE_CREDENTIAL_PREFIX: &str = "edgedge_";
 /// How many characters of a key's secret are kept in clear to tell keys apart.
 const VISIBLE_PREFIX_CHARS: usize = 12;
 
@@ -48,6 +53,16 @@ impl NewSecret {
     /// A new device credential, issued at enrollment.
     pub fn device_credential() -> Self {
         Self::generate(DEVICE_CREDENTIAL_PREFIX)
+    }
+
+    /// A new edge enrollment token.
+    pub fn edge_enrollment_token() -> Self {
+        Self::generate(EDGE_ENROLLMENT_TOKEN_PREFIX)
+    }
+
+    /// A new edge credential, issued at enrollment.
+    pub fn edge_credential() -> Self {
+        Self::generate(EDGE_CREDENTIAL_PREFIX)
     }
 
     fn generate(kind: &str) -> Self {

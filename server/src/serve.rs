@@ -19,6 +19,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
+    #[error(transparent)]
+    CertificateAuthority(#[from] crate::certs::CaError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: SocketAddr,
@@ -46,8 +48,11 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     // leftover of a previous run.
     let stale = db.mark_all_offline().await?;
     if stale > 0 {
-        tracing::info!(devices = stale, "marked devices of a previous run offline");
+        tracing::info!(devices_and_edges = stale, "marked devices and edges of a previous run offline");
     }
+    let state = AppState::with_session_config(db, config.session_config());
+    // The first start on a database generates the internal CA; later starts load it.
+    state.certificate_authority().await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Listen { address: config.listen, source })?;
@@ -59,7 +64,6 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     tracing::info!(%url, "listening");
 
     let (stop, stopped) = watch::channel(false);
-    let state = AppState::with_session_config(db, config.session_config());
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         let mut stopped = stopped;
         // An error means the sender is gone, which only happens once we are stopping anyway.

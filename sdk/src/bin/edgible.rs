@@ -1,6 +1,6 @@
 //! The `edgible` command line: log in to a server, manage organizations, API keys, device
-//! pools, devices, applications and placements, deploy stack files, and read what devices
-//! report (status, logs, events).
+//! pools, devices, edges, applications and placements, deploy stack files, read what devices
+//! report (status, logs, events), and fetch the internal CA certificate (`edgible ca`).
 //!
 //! Each object kind has its own module with its clap arguments and handlers; [`plan`] is the
 //! pure stack diff and [`stack`] applies it. Handlers return `anyhow` errors with context
@@ -15,6 +15,8 @@ mod applications;
 mod config;
 #[path = "edgible/devices.rs"]
 mod devices;
+#[path = "edgible/edges.rs"]
+mod edges;
 #[path = "edgible/keys.rs"]
 mod keys;
 #[path = "edgible/login.rs"]
@@ -76,6 +78,12 @@ enum Command {
     /// Devices that run applications.
     #[command(subcommand)]
     Device(devices::DeviceCommand),
+    /// Edges: the public entry points of pools, routing HTTPS by name to devices.
+    #[command(subcommand)]
+    Edge(edges::EdgeCommand),
+    /// Print the server's internal CA certificate (PEM), which signs the certificates devices
+    /// serve; trust it to verify them (e.g. `curl --cacert`).
+    Ca,
     /// Applications: what runs and at which hostnames.
     #[command(subcommand, visible_alias = "application")]
     App(applications::AppCommand),
@@ -140,6 +148,8 @@ async fn run(command: Command, context: &Context) -> anyhow::Result<()> {
         Command::Key(command) => keys::run(command, context).await,
         Command::Pool(command) => pools::run(command, context).await,
         Command::Device(command) => devices::run(command, context).await,
+        Command::Edge(command) => edges::run(command, context).await,
+        Command::Ca => edges::ca(context).await,
         Command::App(command) => applications::run(command, context).await,
         Command::Placement(command) => placements::run(command, context).await,
         Command::Stack(command) => stack::run(command, context).await,
@@ -192,6 +202,25 @@ mod tests {
 
         let error = anyhow::Error::new(Outer(std::io::Error::other("refused"))).context("listing applications");
         assert_eq!(render_error(&error), "listing applications: cannot reach the server: refused");
+    }
+
+    #[test]
+    fn edge_endpoints_are_checked_when_parsed() {
+        let cli = Cli::try_parse_from([
+            "edgible",
+            "edge",
+            "create",
+            "gw",
+            "--pool",
+            "home",
+            "--endpoint",
+            "203.0.113.1:51820",
+        ]);
+        assert!(cli.is_ok(), "{cli:?}");
+        let error =
+            Cli::try_parse_from(["edgible", "edge", "create", "gw", "--pool", "home", "--endpoint", "203.0.113.1"])
+                .expect_err("no port");
+        assert!(error.to_string().contains("host:port"), "{error}");
     }
 
     #[test]

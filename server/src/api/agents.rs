@@ -20,11 +20,11 @@ use crate::secrets::{NewSecret, sha256_hex};
 /// The largest WebSocket message the transport takes. It is above the protocol's limit, so
 /// that a frame between the two is answered with an error frame (and the session goes on)
 /// rather than a dropped connection.
-const TRANSPORT_LIMIT: usize = 2 * MAX_FRAME_BYTES;
+pub(super) const TRANSPORT_LIMIT: usize = 2 * MAX_FRAME_BYTES;
 /// Socket buffer sizes per session: small, since most frames are small and there may be many
 /// thousands of sessions.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
-const WRITE_BUFFER_BYTES: usize = 0;
+pub(super) const READ_BUFFER_BYTES: usize = 4 * 1024;
+pub(super) const WRITE_BUFFER_BYTES: usize = 0;
 
 #[utoipa::path(post, path = "/v1/agent/enroll", tag = "agents", request_body = EnrollmentRequest, security(()),
     responses((status = 200, description = "The device and its credential, shown only here", body = Enrollment),

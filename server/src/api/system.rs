@@ -57,5 +57,6 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     };
     let mut text = state.metrics.render(&objects);
     text.push_str(&state.metrics.render_hub(state.agents.hub.len()));
+    text.push_str(&state.metrics.render_edge_hub(state.edges.hub.len()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

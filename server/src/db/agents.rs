@@ -18,7 +18,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::entities::{application, application_status, device, event, placement};
+use super::entities::{application, application_status, device, edge, event, placement};
 use super::{Db, StoreError, enum_from_text, enum_text, now, page, revision};
 use crate::desired::DesiredState;
 use crate::secrets::NewSecret;
@@ -31,7 +31,7 @@ pub const EVENTS_KEPT: u64 = 1000;
 pub enum EnrollError {
     #[error("unknown enrollment token")]
     UnknownToken,
-    #[error("enrollment token already used: the device enrolled at {at}")]
+    #[error("enrollment token already used: it was exchanged at {at}")]
     AlreadyUsed { at: DateTime<Utc> },
     #[error("enrollment token expired at {at}")]
     Expired { at: DateTime<Utc> },
@@ -113,10 +113,13 @@ impl Db {
                 .filter(device::Column::PublicKey.eq(public_key))
                 .filter(device::Column::Id.ne(row.id))
                 .count(&write.txn)
-                .await?;
+                .await?
+                + edge::Entity::find().filter(edge::Column::PublicKey.eq(public_key)).count(&write.txn).await?;
             if taken > 0 {
                 return Err(EnrollError::KeyTaken);
             }
+            // The pool's edges add the device to their peers.
+            write.touch_pool_edges(edgible::model::DevicePoolId(row.pool_id)).await?;
             let mut active: device::ActiveModel = row.into();
             active.public_key = Set(Some(public_key.to_owned()));
             active.credential_sha256 = Set(Some(credential.sha256.clone()));
@@ -174,29 +177,63 @@ impl Db {
 
     /// Marks the device online for session `session_id`; false if the device is gone.
     pub async fn agent_connected(&self, device_id: DeviceId, session_id: Uuid) -> Result<bool, StoreError> {
-        let _guard = self.status_write_lock().await;
-        let updated = device::Entity::update_many()
+        let update = device::Entity::update_many()
             .col_expr(device::Column::State, Expr::value(enum_text(&DeviceState::Online)?))
             .col_expr(device::Column::SessionId, Expr::value(Some(session_id)))
             .col_expr(device::Column::LastSeenAt, Expr::value(now()))
-            .filter(device::Column::Id.eq(device_id.0))
-            .exec(&self.conn)
-            .await?;
-        Ok(updated.rows_affected > 0)
+            .filter(device::Column::Id.eq(device_id.0));
+        self.change_online_state(device_id, update).await
     }
 
     /// Marks the device offline, unless a newer session has taken it over meanwhile.
     pub async fn agent_disconnected(&self, device_id: DeviceId, session_id: Uuid) -> Result<(), StoreError> {
-        let _guard = self.status_write_lock().await;
-        device::Entity::update_many()
+        let update = device::Entity::update_many()
             .col_expr(device::Column::State, Expr::value(enum_text(&DeviceState::Offline)?))
             .col_expr(device::Column::SessionId, Expr::value(None::<Uuid>))
             .col_expr(device::Column::LastSeenAt, Expr::value(now()))
             .filter(device::Column::Id.eq(device_id.0))
-            .filter(device::Column::SessionId.eq(session_id))
-            .exec(&self.conn)
-            .await?;
+            .filter(device::Column::SessionId.eq(session_id));
+        self.change_online_state(device_id, update).await?;
         Ok(())
+    }
+
+    /// Runs a guarded change of a device's online state; answers whether it applied. A change
+    /// that applied also moves the revision counter on (no object's revision changes), so the
+    /// configuration the pool's edges are sent next, whose routes carry the online state,
+    /// has a newer revision than any sent before; the edges are woken after commit.
+    async fn change_online_state(
+        &self,
+        device_id: DeviceId,
+        update: sea_orm::UpdateMany<device::Entity>,
+    ) -> Result<bool, StoreError> {
+        let guard = self.status_write_lock().await;
+        let txn = self.conn.begin().await?;
+        // The counter first, like every write transaction: on PostgreSQL, taking its row lock
+        // before the device's keeps one lock order, so this cannot deadlock with a writer.
+        txn.execute_unprepared("UPDATE revision_counter SET value = value + 1 WHERE id = 1").await?;
+        let updated = update.exec(&txn).await?;
+        if updated.rows_affected == 0 {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+        let pool: Option<Uuid> = device::Entity::find_by_id(device_id.0)
+            .select_only()
+            .column(device::Column::PoolId)
+            .into_tuple()
+            .one(&txn)
+            .await?;
+        let edges = match pool {
+            Some(pool) => super::edges::edges_of_pool(&txn, edgible::model::DevicePoolId(pool)).await?,
+            None => Vec::new(),
+        };
+        txn.commit().await?;
+        drop(guard);
+        if let Some(listener) = self.listener()
+            && !edges.is_empty()
+        {
+            listener(&super::Woken { devices: Vec::new(), edges });
+        }
+        Ok(true)
     }
 
     /// Records that the session's agent was heard from now.
@@ -211,7 +248,7 @@ impl Db {
         Ok(())
     }
 
-    /// Marks every device offline. Run at startup by the only server replica, when no session
+    /// Marks every device and edge offline. Run at startup by the only server replica, when no session
     /// can be open yet; with several replicas each would own and clean up its own sessions.
     pub async fn mark_all_offline(&self) -> Result<u64, StoreError> {
         let _guard = self.status_write_lock().await;
@@ -221,7 +258,13 @@ impl Db {
             .filter(device::Column::State.eq(enum_text(&DeviceState::Online)?))
             .exec(&self.conn)
             .await?;
-        Ok(updated.rows_affected)
+        let edges = edge::Entity::update_many()
+            .col_expr(edge::Column::State, Expr::value(enum_text(&DeviceState::Offline)?))
+            .col_expr(edge::Column::SessionId, Expr::value(None::<Uuid>))
+            .filter(edge::Column::State.eq(enum_text(&DeviceState::Online)?))
+            .exec(&self.conn)
+            .await?;
+        Ok(updated.rows_affected + edges.rows_affected)
     }
 
     /// Stores `revision` as the device's applied revision if it moves it forward and is not

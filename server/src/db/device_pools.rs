@@ -1,10 +1,10 @@
 //! Device pools. The tunnel network and kind are fixed at creation; a pool that still has
-//! devices, or that a cloud placement names, cannot be deleted.
+//! devices or edges, or that a cloud placement names, cannot be deleted.
 
 use edgible::model::{DevicePool, DevicePoolId, DevicePoolSpec, OrganizationId, Page, Revision};
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, Set};
 
-use super::entities::{device, device_pool, placement};
+use super::entities::{device, device_pool, edge, placement};
 use super::scoped::Scoped;
 use super::{Db, PageRequest, StoreError, check_revision, enum_from_text, enum_text, parse, revision};
 
@@ -130,6 +130,13 @@ impl Db {
                 return Err(StoreError::Conflict {
                     field: None,
                     message: format!("the pool still has {devices} device(s); delete them first"),
+                });
+            }
+            let edges = edge::Entity::find().filter(edge::Column::PoolId.eq(id.0)).count(&write.txn).await?;
+            if edges > 0 {
+                return Err(StoreError::Conflict {
+                    field: None,
+                    message: format!("the pool still has {edges} edge(s); delete them first"),
                 });
             }
             let placements =

@@ -12,11 +12,10 @@ use edgible::model::{
     TunnelCidr,
 };
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
-    Set,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect, Set,
 };
 
-use super::entities::{device, device_pool, placement};
+use super::entities::{device, device_pool, edge, placement};
 use super::scoped::Scoped;
 use super::{
     Db, PageRequest, StoreError, check_revision, enum_from_text, enum_text, parse, parse_json, revision, to_json,
@@ -65,19 +64,31 @@ fn lowest_free(cidr: TunnelCidr, used: &[i64]) -> Option<Ipv4Addr> {
     None
 }
 
-async fn allocate(
+/// The lowest address of the pool's network that neither a device nor an edge of the pool
+/// holds. Devices and edges share one address space: an edge reaches devices at their
+/// addresses and devices accept connections only from edges' addresses, so the two must
+/// never meet. Runs inside the serialized write transaction.
+pub(super) async fn allocate(
     conn: &impl ConnectionTrait,
     pool_id: DevicePoolId,
     cidr: TunnelCidr,
 ) -> Result<Ipv4Addr, StoreError> {
-    let used: Vec<i64> = device::Entity::find()
+    let mut used: Vec<i64> = device::Entity::find()
         .select_only()
         .column(device::Column::TunnelAddress)
         .filter(device::Column::PoolId.eq(pool_id.0))
-        .order_by_asc(device::Column::TunnelAddress)
         .into_tuple()
         .all(conn)
         .await?;
+    let edges: Vec<i64> = edge::Entity::find()
+        .select_only()
+        .column(edge::Column::TunnelAddress)
+        .filter(edge::Column::PoolId.eq(pool_id.0))
+        .into_tuple()
+        .all(conn)
+        .await?;
+    used.extend(edges);
+    used.sort_unstable();
     lowest_free(cidr, &used).ok_or_else(|| {
         StoreError::conflict(
             "pool_id",
@@ -194,7 +205,7 @@ impl Db {
     pub async fn delete_device(&self, organization_id: OrganizationId, id: DeviceId) -> Result<(), StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            DEVICES.row(&write.txn, organization_id.0, id.0).await?;
+            let row = DEVICES.row(&write.txn, organization_id.0, id.0).await?;
             let placements =
                 placement::Entity::find().filter(placement::Column::DeviceId.eq(id.0)).count(&write.txn).await?;
             if placements > 0 {
@@ -206,8 +217,10 @@ impl Db {
                 });
             }
             device::Entity::delete_by_id(id.0).exec(&write.txn).await?;
-            // Its agent, if connected, learns after commit that the device is gone.
+            // Its agent, if connected, learns after commit that the device is gone, and the
+            // pool's edges drop it from their peers.
             write.touch(&[id]);
+            write.touch_pool_edges(DevicePoolId(row.pool_id)).await?;
             Ok(())
         }
         .await;

@@ -299,3 +299,63 @@ pub mod event {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// An edge: the public entry point of one pool. Like a device, its tunnel address is the IPv4
+/// address as an integer, taken from the pool's network by the same allocator, and only the
+/// SHA-256 of its enrollment token and credential are kept.
+pub mod edge {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "edges")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub organization_id: Uuid,
+        pub name: String,
+        pub pool_id: Uuid,
+        /// `host:port` of the edge's WireGuard socket.
+        pub endpoint: String,
+        pub tunnel_address: i64,
+        pub public_key: Option<String>,
+        pub state: String,
+        pub applied_revision: Option<i64>,
+        pub last_seen_at: Option<ChronoDateTimeUtc>,
+        pub enrollment_token_sha256: Option<String>,
+        pub enrollment_expires_at: Option<ChronoDateTimeUtc>,
+        pub enrollment_used_at: Option<ChronoDateTimeUtc>,
+        pub credential_sha256: Option<String>,
+        /// The edge session that marked the edge online, so that only that session marks it
+        /// offline again.
+        pub session_id: Option<Uuid>,
+        pub revision: i64,
+        pub created_at: ChronoDateTimeUtc,
+        pub updated_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The internal certificate authority: a single row holding its certificate and private key,
+/// both PEM. The key is stored unencrypted (see `crate::certs`).
+pub mod certificate_authority {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "certificate_authority")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: i32,
+        pub certificate_pem: String,
+        pub key_pem: String,
+        pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -11,7 +11,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial), Box::new(Agents)]
+        vec![Box::new(Initial), Box::new(Agents), Box::new(DataPath)]
     }
 }
 
@@ -307,6 +307,64 @@ impl MigrationTrait for Agents {
         manager.create_index(index("ix_events_organization", "events", &["organization_id", "id"])).await?;
         manager.create_index(index("ix_events_application", "events", &["application_id", "id"])).await?;
         manager.create_index(index("ix_events_device", "events", &["device_id", "id"])).await?;
+        Ok(())
+    }
+}
+
+/// The data path: edges (the entry points of pools) and the internal certificate authority.
+struct DataPath;
+
+impl MigrationName for DataPath {
+    fn name(&self) -> &str {
+        "m0003_data_path"
+    }
+}
+
+// See `Initial` for why the lifetime is elided.
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for DataPath {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(owned_table(
+                "edges",
+                vec![
+                    text("name"),
+                    ColumnDef::new(name("pool_id")).uuid().not_null().to_owned(),
+                    text("endpoint"),
+                    ColumnDef::new(name("tunnel_address")).big_integer().not_null().to_owned(),
+                    optional_text("public_key"),
+                    text("state"),
+                    ColumnDef::new(name("applied_revision")).big_integer().null().to_owned(),
+                    ColumnDef::new(name("last_seen_at")).timestamp_with_time_zone().null().to_owned(),
+                    optional_text("enrollment_token_sha256"),
+                    ColumnDef::new(name("enrollment_expires_at")).timestamp_with_time_zone().null().to_owned(),
+                    ColumnDef::new(name("enrollment_used_at")).timestamp_with_time_zone().null().to_owned(),
+                    optional_text("credential_sha256"),
+                    ColumnDef::new(name("session_id")).uuid().null().to_owned(),
+                ],
+                vec![foreign_key("edges", "pool_id", "device_pools")],
+            ))
+            .await?;
+        manager.create_index(unique_index("ux_edges_name", "edges", &["organization_id", "name"])).await?;
+        // Devices and edges share a pool's addresses; the allocator looks at both tables, and
+        // this index is the safety net among edges (`ux_devices_address` among devices).
+        manager.create_index(unique_index("ux_edges_address", "edges", &["pool_id", "tunnel_address"])).await?;
+        manager.create_index(unique_index("ux_edges_credential", "edges", &["credential_sha256"])).await?;
+        manager.create_index(index("ix_edges_enrollment_token", "edges", &["enrollment_token_sha256"])).await?;
+        manager.create_index(index("ix_edges_pool", "edges", &["pool_id"])).await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("certificate_authority"))
+                    .col(ColumnDef::new(name("id")).integer().not_null().primary_key())
+                    .col(text("certificate_pem"))
+                    .col(text("key_pem"))
+                    .col(ColumnDef::new(name("created_at")).timestamp_with_time_zone().not_null())
+                    .to_owned(),
+            )
+            .await?;
         Ok(())
     }
 }

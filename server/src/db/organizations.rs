@@ -11,8 +11,8 @@ use sea_orm::{
 };
 
 use super::entities::{
-    api_key, application, application_hostname, application_status, device, device_pool, event, member, organization,
-    placement,
+    api_key, application, application_hostname, application_status, device, device_pool, edge, event, member,
+    organization, placement,
 };
 use super::scoped::Scoped;
 use super::{Db, PageRequest, StoreError, Write, api_keys, check_revision, parse, revision};
@@ -139,6 +139,16 @@ impl Db {
                 .await?;
             application::Entity::delete_many().filter(application::Column::OrganizationId.eq(id.0)).exec(txn).await?;
             device::Entity::delete_many().filter(device::Column::OrganizationId.eq(id.0)).exec(txn).await?;
+            let edges: Vec<uuid::Uuid> = edge::Entity::find()
+                .select_only()
+                .column(edge::Column::Id)
+                .filter(edge::Column::OrganizationId.eq(id.0))
+                .into_tuple()
+                .all(txn)
+                .await?;
+            // Connected edges of the organization learn after commit that they are gone.
+            write.touch_edges(&edges.into_iter().map(edgible::model::EdgeId).collect::<Vec<_>>());
+            edge::Entity::delete_many().filter(edge::Column::OrganizationId.eq(id.0)).exec(txn).await?;
             device_pool::Entity::delete_many().filter(device_pool::Column::OrganizationId.eq(id.0)).exec(txn).await?;
             api_key::Entity::delete_many().filter(api_key::Column::OrganizationId.eq(id.0)).exec(txn).await?;
             member::Entity::delete_many().filter(member::Column::OrganizationId.eq(id.0)).exec(txn).await?;

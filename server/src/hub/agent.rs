@@ -1,5 +1,8 @@
-//! One agent's session: `hello`, then `welcome` and a full snapshot, then deltas when woken,
-//! pings, and whatever the agent reports (acks, status, events, logs).
+//! One agent's session: `hello`, then `welcome` and a full snapshot, then the pool's `edges`,
+//! then deltas (and a new `edges` when that set changed) when woken, pings, whatever the agent
+//! reports (acks, status, events, logs), and certificates signed by the internal CA for the
+//! applications placed on the device (`certificate_request` → `certificate`, or an `error`
+//! naming the application and the reason).
 //!
 //! The session is generic over a sink and a stream of [`Frame`]s, so tests drive it through
 //! channels. Every frame the agent sends is decoded with the bounded `protocol::decode`;
@@ -14,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgible::model::{ApplicationId, ApplicationPhase, Device, DeviceId, LogEntry, LogStream};
-use edgible::protocol::v1::{AgentMessage, ErrorCode, Phase, ServerMessage, Stream as LogLineStream};
+use edgible::protocol::v1::{AgentMessage, EdgePeer, ErrorCode, Phase, ServerMessage, Stream as LogLineStream};
 use edgible::protocol::{DecodeError, VERSION, close, decode, encode};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::{Instant, sleep_until, timeout};
@@ -23,6 +26,7 @@ use uuid::Uuid;
 use super::heartbeat::{Beat, Heartbeat};
 use super::transport::Frame;
 use super::{Hub, Registration};
+use crate::certs::SharedCa;
 use crate::db::{Db, StatusReport};
 use crate::desired::Offered;
 use crate::logs::LogStore;
@@ -70,6 +74,8 @@ pub struct Agents {
     pub logs: Arc<LogStore>,
     pub metrics: Arc<Metrics>,
     pub config: SessionConfig,
+    /// The internal CA that answers `certificate_request`s.
+    pub ca: Arc<SharedCa>,
 }
 
 /// Why a session ended.
@@ -83,7 +89,7 @@ pub enum Ended {
     TimedOut,
     /// The first frame was not an acceptable `hello`.
     Refused,
-    /// The device was deleted while connected.
+    /// The device (or, for an edge session, the edge) was deleted while connected.
     DeviceDeleted,
     /// Writing to the agent failed or took too long.
     SendFailed,
@@ -123,6 +129,7 @@ where
         session_id: Uuid::now_v7(),
         known_applications: HashSet::new(),
         last_seen_write: Instant::now(),
+        sent_edges: None,
     };
     let span = tracing::info_span!("agent", device = %session.device.id);
     let ended = tracing::Instrument::instrument(session.serve(&mut rx), span).await;
@@ -141,6 +148,8 @@ struct Session<Tx> {
     /// Applications checked to belong to the device's organization, for logs.
     known_applications: HashSet<ApplicationId>,
     last_seen_write: Instant,
+    /// The pool's edges as last sent; `None` before the first `edges`.
+    sent_edges: Option<Vec<EdgePeer>>,
 }
 
 impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
@@ -239,15 +248,20 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
             Ok(false) => return Err(self.deleted().await),
             Err(error) => return Err(self.failed(&error).await),
         }
+        let tunnel_cidr = match self.agents.db.pool_tunnel_cidr(self.device.spec.pool_id).await {
+            Ok(cidr) => cidr.net(),
+            Err(error) => return Err(self.failed(&error).await),
+        };
         self.send(&ServerMessage::Welcome {
             device_id: self.device.id,
             tunnel_address: self.device.status.tunnel_address,
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
             ping_interval_seconds: Some(self.agents.config.ping_interval.as_secs().max(1)),
-            tunnel_cidr: None,
+            tunnel_cidr: Some(tunnel_cidr),
         })
         .await?;
         self.push_desired(true).await?;
+        self.push_edges().await?;
         loop {
             let deadline = self.heartbeat.deadline();
             tokio::select! {
@@ -271,7 +285,10 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                     }
                     Some(Ok(Frame::Control)) => {}
                 },
-                () = registration.wake.notified() => self.push_desired(false).await?,
+                () = registration.wake.notified() => {
+                    self.push_desired(false).await?;
+                    self.push_edges().await?;
+                }
                 () = sleep_until(deadline) => match self.heartbeat.on_deadline(Instant::now()) {
                     Beat::Ping(nonce) => self.send(&ServerMessage::Ping { nonce }).await?,
                     Beat::Dead => {
@@ -302,6 +319,68 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
         Ok(())
     }
 
+    /// Sends the pool's enrolled edges if they differ from what was sent last (always, the
+    /// first time).
+    async fn push_edges(&mut self) -> Result<(), Ended> {
+        let edges = match self.agents.db.pool_edge_peers(self.device.spec.pool_id).await {
+            Ok(edges) => edges,
+            Err(error) => return Err(self.failed(&error).await),
+        };
+        if self.sent_edges.as_ref() == Some(&edges) {
+            return Ok(());
+        }
+        self.send(&ServerMessage::Edges { edges: edges.clone() }).await?;
+        self.sent_edges = Some(edges);
+        Ok(())
+    }
+
+    /// Answers a `certificate_request`: a `certificate` signed by the internal CA for an
+    /// application in the device's current desired state, or an `error` naming the
+    /// application and why not. The session goes on either way.
+    async fn on_certificate_request(&mut self, application_id: ApplicationId, csr_pem: &str) -> Result<(), Ended> {
+        let state = match self.agents.db.desired_state(self.device.id).await {
+            Ok(Some(state)) => state,
+            Ok(None) => return Err(self.deleted().await),
+            Err(error) => return Err(self.failed(&error).await),
+        };
+        let Some(application) = state.applications.iter().find(|application| application.id == application_id) else {
+            let message = format!(
+                "certificate_request for application {application_id} refused: it is not placed on this device"
+            );
+            return self.reject("certificate", ErrorCode::Unexpected, message).await;
+        };
+        let ca = match self.agents.ca.get(&self.agents.db).await {
+            Ok(ca) => ca,
+            Err(error) => {
+                tracing::error!(%error, "the internal CA is unusable");
+                let message = format!(
+                    "certificate_request for application {} ({application_id}) failed: the server's CA is unusable",
+                    application.spec.name
+                );
+                return self.reject("certificate", ErrorCode::Internal, message).await;
+            }
+        };
+        match ca.sign(csr_pem, &application.spec.hostnames, chrono::Utc::now()) {
+            Ok(signed) => {
+                tracing::info!(application = %application_id, not_after = %signed.not_after, "signed a certificate");
+                self.send(&ServerMessage::Certificate {
+                    application_id,
+                    chain_pem: signed.chain_pem,
+                    hostnames: signed.hostnames,
+                    not_after: signed.not_after,
+                })
+                .await
+            }
+            Err(error) => {
+                let message = format!(
+                    "certificate_request for application {} ({application_id}) refused: {error}",
+                    application.spec.name
+                );
+                self.reject("certificate", ErrorCode::Unexpected, message).await
+            }
+        }
+    }
+
     async fn on_text(&mut self, text: &str) -> Result<(), Ended> {
         self.agents.metrics.frame_received();
         let message = match decode::<AgentMessage>(text) {
@@ -312,8 +391,8 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
             AgentMessage::Hello { .. } => {
                 self.reject("unexpected", ErrorCode::Unexpected, "hello was already received".into()).await?;
             }
-            AgentMessage::CertificateRequest { .. } => {
-                // TODO(data path): signed by the internal CA.
+            AgentMessage::CertificateRequest { application_id, csr_pem } => {
+                self.on_certificate_request(application_id, &csr_pem).await?;
             }
             AgentMessage::Ack { revision } => {
                 if revision > self.offered.revision {
@@ -588,6 +667,7 @@ mod tests {
             panic!("expected a snapshot");
         };
         assert!(applications.is_empty());
+        assert_eq!(next_message(&mut frames).await, ServerMessage::Edges { edges: Vec::new() });
 
         // A placement written through the database wakes the session, which sends the delta.
         let db = &fixture.agents.db;
@@ -629,6 +709,7 @@ mod tests {
         to_server.unbounded_send(Ok(Frame::Text(hello(&fixture.device, 1)))).expect("queued");
         assert!(matches!(next_message(&mut frames).await, ServerMessage::Welcome { .. }));
         assert!(matches!(next_message(&mut frames).await, ServerMessage::ApplicationUpdate { full: true, .. }));
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::Edges { .. }));
 
         let error = AgentMessage::Error { code: ErrorCode::Malformed, message: "cannot read a frame".into() };
         to_server.unbounded_send(Ok(Frame::Text(encode(&error)))).expect("queued");

@@ -24,7 +24,7 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 const FRAME_WAIT: Duration = Duration::from_secs(10);
 
 /// A WireGuard public key made of one repeated byte.
-fn public_key(seed: u8) -> String {
+pub(crate) fn public_key(seed: u8) -> String {
     base64::engine::general_purpose::STANDARD.encode([seed; 32])
 }
 
@@ -40,7 +40,7 @@ async fn enroll_request(app: &TestApp, body: Value) -> anyhow::Result<crate::sup
     app.send(TestRequest::new(Method::POST, "/v1/agent/enroll").json(&body)).await
 }
 
-async fn pool(app: &TestApp, org: &Org) -> anyhow::Result<String> {
+pub(crate) async fn pool(app: &TestApp, org: &Org) -> anyhow::Result<String> {
     app.post("/v1/device-pools", &org.admin_key, json!({"name": "home", "tunnel_cidr": "100.96.0.0/24"}))
         .await?
         .expect(201)?
@@ -48,7 +48,13 @@ async fn pool(app: &TestApp, org: &Org) -> anyhow::Result<String> {
 }
 
 /// Creates a device in `pool` and enrolls it with a key made of `seed`.
-async fn enrolled_device(app: &TestApp, org: &Org, pool: &str, name: &str, seed: u8) -> anyhow::Result<Enrolled> {
+pub(crate) async fn enrolled_device(
+    app: &TestApp,
+    org: &Org,
+    pool: &str,
+    name: &str,
+    seed: u8,
+) -> anyhow::Result<Enrolled> {
     let created = app.post("/v1/devices", &org.admin_key, json!({"name": name, "pool_id": pool})).await?.expect(201)?;
     let token = created.str("/enrollment_token")?;
     let answer = enroll_request(app, json!({"token": token, "public_key": public_key(seed)})).await?.expect(200)?;
@@ -61,7 +67,7 @@ async fn enrolled_device(app: &TestApp, org: &Org, pool: &str, name: &str, seed:
 
 /// Creates an application named `name` and places it on `device`; returns the application's
 /// id and the placement's.
-async fn placed_application(
+pub(crate) async fn placed_application(
     app: &TestApp,
     org: &Org,
     name: &str,
@@ -87,7 +93,7 @@ async fn device_json(app: &TestApp, org: &Org, device: DeviceId) -> anyhow::Resu
 }
 
 /// Opens the agent WebSocket with `credential`.
-async fn open(served: &Served, credential: &str) -> anyhow::Result<Socket> {
+pub(crate) async fn open(served: &Served, credential: &str) -> anyhow::Result<Socket> {
     let url = format!("{}/v1/agent/connect", served.base.replacen("http", "ws", 1));
     let mut request = url.into_client_request()?;
     request.headers_mut().insert("authorization", format!("Bearer {credential}").parse()?);
@@ -120,7 +126,7 @@ impl TestAgent {
         Ok(TestAgent { socket: open(served, &enrolled.credential).await?, enrolled: enrolled.clone() })
     }
 
-    /// Sends `hello` and reads the welcome and the snapshot.
+    /// Sends `hello` and reads the welcome, the snapshot and the pool's edges.
     pub async fn hello(&mut self, applied: Option<Revision>) -> anyhow::Result<(ServerMessage, Update)> {
         self.send(&AgentMessage::Hello {
             device_id: self.enrolled.device_id,
@@ -134,6 +140,8 @@ impl TestAgent {
         ensure!(matches!(welcome, ServerMessage::Welcome { .. }), "expected welcome, got {welcome:?}");
         let snapshot = self.update().await?;
         ensure!(snapshot.1, "the first update must be a full snapshot: {snapshot:?}");
+        let edges = self.recv().await?;
+        ensure!(matches!(edges, ServerMessage::Edges { .. }), "expected the pool's edges, got {edges:?}");
         Ok((welcome, snapshot))
     }
 

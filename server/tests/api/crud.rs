@@ -8,14 +8,14 @@ use serde_json::{Value, json};
 use crate::support::{Answer, TestApp, TestRequest, application, fleet};
 
 /// Where the object sits in a creation answer (`/device` for devices, `` for plain objects).
-struct Collection<'a> {
-    path: &'a str,
-    created_object: &'a str,
+pub(crate) struct Collection<'a> {
+    pub(crate) path: &'a str,
+    pub(crate) created_object: &'a str,
 }
 
 /// Runs the whole life of one object: create, get (with ETag), list (and by name), update
 /// with the current revision, delete, and gone afterwards. Returns the updated object.
-async fn life_cycle(
+pub(crate) async fn life_cycle(
     app: &TestApp,
     key: &str,
     collection: Collection<'_>,

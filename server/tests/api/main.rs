@@ -8,6 +8,7 @@ mod addresses;
 mod agents;
 mod binary;
 mod crud;
+mod edges;
 mod isolation;
 mod paging;
 mod postgres;
@@ -93,4 +94,9 @@ suite! {
     agents::hostile_frames_get_error_frames,
     agents::reports_are_stored_and_served,
     agents::events_are_bounded_per_application,
+    edges::crud_edges,
+    edges::edges_enroll_and_follow_their_pool,
+    edges::a_bad_edge_hello_is_refused,
+    edges::certificates_are_signed_for_placed_applications,
+    edges::the_ca_is_kept_across_restarts,
 }

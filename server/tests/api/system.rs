@@ -44,7 +44,8 @@ pub async fn openapi_describes_every_collection(url: String) -> anyhow::Result<(
     let document = &answer.body;
     ensure!(document["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{}", answer.text);
     let paths = document["paths"].as_object().context("paths")?;
-    for collection in ["organizations", "members", "api-keys", "device-pools", "devices", "applications", "placements"]
+    for collection in
+        ["organizations", "members", "api-keys", "device-pools", "devices", "edges", "applications", "placements"]
     {
         let list = paths.get(&format!("/v1/{collection}")).with_context(|| format!("no /v1/{collection}"))?;
         ensure!(list.get("get").is_some() && list.get("post").is_some(), "/v1/{collection}: {list}");
@@ -58,6 +59,9 @@ pub async fn openapi_describes_every_collection(url: String) -> anyhow::Result<(
     for path in [
         "/v1/agent/enroll",
         "/v1/agent/connect",
+        "/v1/edge/enroll",
+        "/v1/edge/connect",
+        "/v1/ca.pem",
         "/v1/applications/{id}/status",
         "/v1/applications/{id}/logs",
         "/v1/events",
