@@ -8,8 +8,11 @@
 pub mod agent;
 pub mod cli;
 pub mod docker;
+pub mod netns;
+pub mod platform;
 pub mod server;
 pub mod terraform;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -65,5 +68,20 @@ where
         }
         anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Checks `condition` every 50 ms until it holds or `timeout` passes; answers whether it held.
+/// For code without a runtime (drop guards, threads inside a namespace).
+pub fn wait_until_sync(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

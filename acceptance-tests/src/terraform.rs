@@ -160,7 +160,16 @@ impl Terraform {
             .env_remove("TF_DATA_DIR")
             .env_remove("TF_PLUGIN_CACHE_DIR")
             .env_remove("TF_WORKSPACE")
+            // The server is on loopback or in the test's namespaces: never through a proxy.
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
             .stdin(Stdio::null())
+            // A test that gives up on a slow run must not leave terraform (and its provider) behind.
+            .kill_on_drop(true)
             .output()
             .await
             .with_context(|| format!("running {}", self.binary.display()))?;

@@ -1,0 +1,220 @@
+//! The workload of the data path tests: a small HTTP server (HTTP/1.1 and HTTP/2 cleartext)
+//! that the agent runs as a process workload on `127.0.0.1:$PORT`, named by `$NAME`.
+//!
+//! - `GET /`: who answered and the `X-Forwarded-For/-Proto/-Host` it received
+//!   ([`greeting`]), so a test sees which device served it and what the proxy told it.
+//! - `POST /upload`: the hex SHA-256 and length of the body, read as a stream.
+//! - `GET /download?bytes=N`: N bytes of the deterministic pattern, streamed.
+//! - `GET /ws`: a WebSocket echo (the upgrade goes through the edge and the device's proxy).
+//!
+//! The pure parts live in `edgible_acceptance_tests::workload` and are unit tested there.
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+
+use anyhow::Context;
+use bytes::Bytes;
+use edgible_acceptance_tests::workload::{download_len, fill_pattern, greeting, upload_receipt};
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+/// The size of each chunk of a download.
+const CHUNK: usize = 64 << 10;
+
+type ResponseBody = Either<Full<Bytes>, PatternBody>;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let port: u16 = std::env::var("PORT")
+        .context("PORT is not set (the agent sets it to the application's port)")?
+        .parse()
+        .context("PORT is not a port number")?;
+    let name: Arc<str> = std::env::var("NAME").unwrap_or_else(|_| "e2e-workload".to_owned()).into();
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        .await
+        .with_context(|| format!("listening on 127.0.0.1:{port}"))?;
+    println!("{name} listening on 127.0.0.1:{port}");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let name = name.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| handle(name.clone(), request));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+                eprintln!("connection ended with an error: {error}");
+            }
+        });
+    }
+}
+
+async fn handle(name: Arc<str>, request: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+    let response = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/") => {
+            let headers = request.headers();
+            let text = greeting(
+                &name,
+                std::process::id(),
+                header_text(headers, "x-forwarded-for"),
+                header_text(headers, "x-forwarded-proto"),
+                header_text(headers, "x-forwarded-host"),
+            );
+            text_response(StatusCode::OK, text)
+        }
+        (&Method::GET, "/health") => text_response(StatusCode::OK, "ok\n".to_owned()),
+        (&Method::POST, "/upload") => upload(request.into_body()).await,
+        (&Method::GET, "/download") => match download_len(request.uri().query()) {
+            Ok(len) => {
+                let mut response = Response::new(Either::Right(PatternBody { offset: 0, len }));
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+                response
+            }
+            Err(error) => text_response(StatusCode::BAD_REQUEST, format!("{error}\n")),
+        },
+        (&Method::GET, "/ws") => websocket(request),
+        _ => text_response(StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    };
+    Ok(response)
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+fn text_response(status: StatusCode, text: String) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(text))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// Hashes the body frame by frame, never holding more than one frame.
+async fn upload(mut body: Incoming) -> Response<ResponseBody> {
+    let mut digest = Sha256::new();
+    let mut len: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    digest.update(data);
+                    len += data.len() as u64;
+                }
+            }
+            Err(error) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("the upload broke off after {len} bytes: {error}\n"),
+                );
+            }
+        }
+    }
+    text_response(StatusCode::OK, upload_receipt(&hex::encode(digest.finalize()), len))
+}
+
+/// Answers a WebSocket upgrade with 101 and echoes every message on the upgraded connection.
+fn websocket(mut request: Request<Incoming>) -> Response<ResponseBody> {
+    let wants_websocket =
+        header_text(request.headers(), "upgrade").is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
+    let Some(key) = request.headers().get("sec-websocket-key").filter(|_| wants_websocket) else {
+        return text_response(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade with Sec-WebSocket-Key\n".to_owned(),
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let upgraded = match upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                eprintln!("the WebSocket upgrade failed: {error}");
+                return;
+            }
+        };
+        let mut socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(message)) = socket.next().await {
+            let echo = match message {
+                Message::Text(_) | Message::Binary(_) => message,
+                Message::Close(_) => break,
+                // Pings are answered by tungstenite itself.
+                _ => continue,
+            };
+            if socket.send(echo).await.is_err() {
+                break;
+            }
+        }
+        let _ = socket.close(None).await;
+    });
+    let mut response = Response::new(Either::Left(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    response
+}
+
+/// A streamed body of `len` bytes of the pattern, made one chunk at a time.
+struct PatternBody {
+    offset: u64,
+    len: u64,
+}
+
+impl Body for PatternBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let remaining = self.len - self.offset;
+        if remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let size = usize::try_from(remaining).unwrap_or(CHUNK).min(CHUNK);
+        let mut chunk = vec![0u8; size];
+        fill_pattern(self.offset, &mut chunk);
+        self.offset += size as u64;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.offset == self.len
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len - self.offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pattern_body_streams_exactly_its_length() -> anyhow::Result<()> {
+        let len = 3 * CHUNK as u64 + 17;
+        let body = PatternBody { offset: 0, len };
+        assert_eq!(body.size_hint().exact(), Some(len));
+        let bytes = body.collect().await?.to_bytes();
+        assert_eq!(bytes.len() as u64, len);
+        let mut expected = vec![0u8; bytes.len()];
+        fill_pattern(0, &mut expected);
+        assert_eq!(&bytes[..], &expected[..]);
+        Ok(())
+    }
+}

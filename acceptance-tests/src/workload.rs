@@ -1,0 +1,137 @@
+//! The pure parts of the data path's test workload (`src/bin/e2e_workload.rs`), shared with
+//! the tests that check what it answers: the deterministic download pattern, the query
+//! parsing, and the texts it answers with.
+
+use sha2::{Digest, Sha256};
+
+/// The largest download the workload serves (a guard against a typo asking for terabytes).
+pub const MAX_DOWNLOAD: u64 = 1 << 32;
+
+/// Byte `offset` of every download: a repeating ramp whose period (251, a prime) does not
+/// divide any buffer size, so a lost, repeated or reordered chunk changes the checksum.
+pub fn pattern_byte(offset: u64) -> u8 {
+    // The remainder is below 251, so it fits in a byte.
+    (offset % 251) as u8
+}
+
+/// Fills `buffer` with the pattern from `offset` on.
+pub fn fill_pattern(offset: u64, buffer: &mut [u8]) {
+    for (index, byte) in buffer.iter_mut().enumerate() {
+        *byte = pattern_byte(offset + index as u64);
+    }
+}
+
+/// The hex SHA-256 of the first `len` bytes of the pattern.
+pub fn pattern_sha256(len: u64) -> String {
+    let mut digest = Sha256::new();
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut offset = 0;
+    while offset < len {
+        let chunk = usize::try_from((len - offset).min(buffer.len() as u64)).unwrap_or(buffer.len());
+        fill_pattern(offset, &mut buffer[..chunk]);
+        digest.update(&buffer[..chunk]);
+        offset += chunk as u64;
+    }
+    hex::encode(digest.finalize())
+}
+
+/// Why a download query is refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("query parameter `bytes` is missing")]
+    MissingBytes,
+    #[error("query parameter `bytes` must be a whole number of bytes, got {0:?}")]
+    BadBytes(String),
+    #[error("query parameter `bytes` may be at most {MAX_DOWNLOAD}, got {0}")]
+    TooLarge(u64),
+}
+
+/// The `bytes` parameter of `GET /download?bytes=N`.
+pub fn download_len(query: Option<&str>) -> Result<u64, QueryError> {
+    let value = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("bytes="))
+        .ok_or(QueryError::MissingBytes)?;
+    let len: u64 = value.parse().map_err(|_| QueryError::BadBytes(value.to_owned()))?;
+    if len > MAX_DOWNLOAD {
+        return Err(QueryError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// What `GET /` answers: who answered (its name, and its pid, which tells a test the network
+/// namespace, and so the device, it runs in), and the forwarding headers the proxy set (`-`
+/// when absent). One `key=value` per line, so tests can pick lines.
+pub fn greeting(name: &str, pid: u32, forwarded_for: Option<&str>, proto: Option<&str>, host: Option<&str>) -> String {
+    format!(
+        "name={name}\npid={pid}\nx-forwarded-for={}\nx-forwarded-proto={}\nx-forwarded-host={}\n",
+        forwarded_for.unwrap_or("-"),
+        proto.unwrap_or("-"),
+        host.unwrap_or("-")
+    )
+}
+
+/// What `POST /upload` answers: the hex SHA-256 of the body and its length.
+pub fn upload_receipt(sha256_hex: &str, len: u64) -> String {
+    format!("sha256={sha256_hex}\nbytes={len}\n")
+}
+
+/// The value of `key` in an answer made of `key=value` lines.
+pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pattern_continues_across_buffers() {
+        let mut whole = vec![0u8; 1000];
+        fill_pattern(0, &mut whole);
+        let mut first = vec![0u8; 333];
+        let mut second = vec![0u8; 667];
+        fill_pattern(0, &mut first);
+        fill_pattern(333, &mut second);
+        assert_eq!([first, second].concat(), whole);
+        assert_eq!(whole[250], 250);
+        assert_eq!(whole[251], 0);
+    }
+
+    #[test]
+    fn the_pattern_checksum_matches_a_direct_one() {
+        let mut bytes = vec![0u8; 200_000];
+        fill_pattern(0, &mut bytes);
+        assert_eq!(pattern_sha256(200_000), hex::encode(Sha256::digest(&bytes)));
+        assert_eq!(pattern_sha256(0), hex::encode(Sha256::digest(b"")));
+    }
+
+    #[test]
+    fn download_queries_are_parsed_and_bad_ones_named() {
+        assert_eq!(download_len(Some("bytes=100")), Ok(100));
+        assert_eq!(download_len(Some("x=1&bytes=7")), Ok(7));
+        assert_eq!(download_len(None), Err(QueryError::MissingBytes));
+        assert_eq!(download_len(Some("bytes=ten")), Err(QueryError::BadBytes("ten".into())));
+        assert_eq!(download_len(Some("bytes=-1")), Err(QueryError::BadBytes("-1".into())));
+        assert_eq!(
+            download_len(Some(&format!("bytes={}", MAX_DOWNLOAD + 1))),
+            Err(QueryError::TooLarge(MAX_DOWNLOAD + 1))
+        );
+        assert!(download_len(Some("bytes=ten")).expect_err("bad").to_string().contains("`bytes`"));
+    }
+
+    #[test]
+    fn answers_are_lines_tests_can_read() {
+        let text = greeting("app-a", 42, Some("203.0.113.100"), Some("https"), None);
+        assert_eq!(field(&text, "name"), Some("app-a"));
+        assert_eq!(field(&text, "pid"), Some("42"));
+        assert_eq!(field(&text, "x-forwarded-for"), Some("203.0.113.100"));
+        assert_eq!(field(&text, "x-forwarded-proto"), Some("https"));
+        assert_eq!(field(&text, "x-forwarded-host"), Some("-"));
+        assert_eq!(field(&text, "missing"), None);
+        let receipt = upload_receipt("abc", 3);
+        assert_eq!(field(&receipt, "sha256"), Some("abc"));
+        assert_eq!(field(&receipt, "bytes"), Some("3"));
+    }
+}
