@@ -35,7 +35,7 @@ pub enum EnrollError {
     AlreadyUsed { at: DateTime<Utc> },
     #[error("enrollment token expired at {at}")]
     Expired { at: DateTime<Utc> },
-    #[error("another device already has this public key")]
+    #[error("another device or edge already has this public key")]
     KeyTaken,
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -45,6 +45,41 @@ impl From<DbErr> for EnrollError {
     fn from(error: DbErr) -> Self {
         EnrollError::Store(error.into())
     }
+}
+
+/// Refuses a token that was already exchanged or has expired (devices' and edges' alike).
+pub(super) fn check_token_usable(
+    used_at: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<(), EnrollError> {
+    if let Some(at) = used_at {
+        return Err(EnrollError::AlreadyUsed { at });
+    }
+    match expires_at {
+        Some(at) if at <= now => Err(EnrollError::Expired { at }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether another device or edge than the one enrolling (`enrolling`, its row id) already
+/// holds `public_key`: devices and edges share one WireGuard key space.
+pub(super) async fn public_key_taken(
+    txn: &impl ConnectionTrait,
+    public_key: &str,
+    enrolling: Uuid,
+) -> Result<bool, DbErr> {
+    let devices = device::Entity::find()
+        .filter(device::Column::PublicKey.eq(public_key))
+        .filter(device::Column::Id.ne(enrolling))
+        .count(txn)
+        .await?;
+    let edges = edge::Entity::find()
+        .filter(edge::Column::PublicKey.eq(public_key))
+        .filter(edge::Column::Id.ne(enrolling))
+        .count(txn)
+        .await?;
+    Ok(devices + edges > 0)
 }
 
 /// One application's status as an agent reported it.
@@ -101,21 +136,8 @@ impl Db {
                 .one(&write.txn)
                 .await?
                 .ok_or(EnrollError::UnknownToken)?;
-            if let Some(at) = row.enrollment_used_at {
-                return Err(EnrollError::AlreadyUsed { at });
-            }
-            if let Some(at) = row.enrollment_expires_at
-                && at <= write.now
-            {
-                return Err(EnrollError::Expired { at });
-            }
-            let taken = device::Entity::find()
-                .filter(device::Column::PublicKey.eq(public_key))
-                .filter(device::Column::Id.ne(row.id))
-                .count(&write.txn)
-                .await?
-                + edge::Entity::find().filter(edge::Column::PublicKey.eq(public_key)).count(&write.txn).await?;
-            if taken > 0 {
+            check_token_usable(row.enrollment_used_at, row.enrollment_expires_at, write.now)?;
+            if public_key_taken(&write.txn, public_key, row.id).await? {
                 return Err(EnrollError::KeyTaken);
             }
             // The pool's edges add the device to their peers.

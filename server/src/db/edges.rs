@@ -20,10 +20,11 @@ use edgible::protocol::v1::EdgePeer;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     AccessMode, ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, IsolationLevel,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
+    QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
 };
 use uuid::Uuid;
 
+use super::agents::{check_token_usable, public_key_taken};
 use super::entities::{application, device, device_pool, edge, placement};
 use super::scoped::Scoped;
 use super::{
@@ -227,21 +228,8 @@ impl Db {
                 .one(&write.txn)
                 .await?
                 .ok_or(EnrollError::UnknownToken)?;
-            if let Some(at) = row.enrollment_used_at {
-                return Err(EnrollError::AlreadyUsed { at });
-            }
-            if let Some(at) = row.enrollment_expires_at
-                && at <= write.now
-            {
-                return Err(EnrollError::Expired { at });
-            }
-            let taken = edge::Entity::find()
-                .filter(edge::Column::PublicKey.eq(public_key))
-                .filter(edge::Column::Id.ne(row.id))
-                .count(&write.txn)
-                .await?
-                + device::Entity::find().filter(device::Column::PublicKey.eq(public_key)).count(&write.txn).await?;
-            if taken > 0 {
+            check_token_usable(row.enrollment_used_at, row.enrollment_expires_at, write.now)?;
+            if public_key_taken(&write.txn, public_key, row.id).await? {
                 return Err(EnrollError::KeyTaken);
             }
             let pool = device_pool::Entity::find_by_id(row.pool_id)
