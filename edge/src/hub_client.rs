@@ -37,7 +37,7 @@ use crate::metrics::{MetricSource, write_family};
 use crate::route_source::SharedRoutes;
 
 /// The path of the edges' push endpoint, below the server's base URL.
-pub const CONNECT_PATH: &str = "v1/edge/connect";
+pub const CONNECT_PATH: &str = edgible::protocol::EDGE_CONNECT_PATH;
 
 /// The largest message the transport reads: twice the protocol's limit, so that a frame between
 /// the two reaches the decoder and is answered as too large instead of breaking the connection.
@@ -183,24 +183,8 @@ pub enum ConnectError {
 
 /// The URL of the edge push endpoint of the server at `server` (`http(s)://host[:port][/prefix]`).
 pub fn connect_url(server: &str) -> Result<Url, ConnectError> {
-    let invalid = |message: &str| ConnectError::InvalidServer { url: server.to_owned(), message: message.to_owned() };
-    let mut url = Url::parse(server).map_err(|error| invalid(&error.to_string()))?;
-    let scheme = match url.scheme() {
-        "http" | "ws" => "ws",
-        "https" | "wss" => "wss",
-        _ => return Err(invalid("the scheme must be http or https")),
-    };
-    if url.cannot_be_a_base() || url.host_str().is_none() {
-        return Err(invalid("the URL names no host"));
-    }
-    url.set_scheme(scheme).map_err(|()| invalid("cannot make a WebSocket URL of it"))?;
-    if !url.path().ends_with('/') {
-        let path = format!("{}/", url.path());
-        url.set_path(&path);
-    }
-    url.set_query(None);
-    url.set_fragment(None);
-    url.join(CONNECT_PATH).map_err(|error| invalid(&error.to_string()))
+    edgible::protocol::hub_url(server, CONNECT_PATH)
+        .map_err(|message| ConnectError::InvalidServer { url: server.to_owned(), message })
 }
 
 /// Dials the server's edge endpoint: `ws://` for `http://` servers, `wss://` over rustls

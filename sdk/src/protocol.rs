@@ -102,6 +102,35 @@ pub fn decode<M: DeserializeOwned>(frame: &str) -> Result<M, DecodeError> {
     })
 }
 
+/// The hub endpoint agents connect to, below the server's base URL.
+pub const AGENT_CONNECT_PATH: &str = "v1/agent/connect";
+/// The hub endpoint edges connect to, below the server's base URL.
+pub const EDGE_CONNECT_PATH: &str = "v1/edge/connect";
+
+/// The WebSocket URL of the hub endpoint `path` (e.g. [`AGENT_CONNECT_PATH`]) of the server at
+/// `server` (`http(s)://host[:port][/prefix]`): `ws://` for `http://`, `wss://` for `https://`,
+/// keeping a path prefix and dropping query and fragment. The error says what is wrong with
+/// `server`.
+pub fn hub_url(server: &str, path: &str) -> Result<url::Url, String> {
+    let mut url = url::Url::parse(server).map_err(|error| error.to_string())?;
+    let scheme = match url.scheme() {
+        "http" | "ws" => "ws",
+        "https" | "wss" => "wss",
+        _ => return Err("the scheme must be http or https".to_owned()),
+    };
+    if url.cannot_be_a_base() || url.host_str().is_none() {
+        return Err("the URL names no host".to_owned());
+    }
+    url.set_scheme(scheme).map_err(|()| "cannot make a WebSocket URL of it".to_owned())?;
+    if !url.path().ends_with('/') {
+        let prefix = format!("{}/", url.path());
+        url.set_path(&prefix);
+    }
+    url.set_query(None);
+    url.set_fragment(None);
+    url.join(path).map_err(|error| error.to_string())
+}
+
 /// Writes one message as a frame.
 pub fn encode<M: Serialize>(message: &M) -> String {
     #[derive(Serialize)]
