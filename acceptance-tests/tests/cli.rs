@@ -7,14 +7,14 @@
 use std::path::Path;
 
 use edgible::Client;
-use edgible::model::{Application, Device, DevicePool, Placement};
+use edgible::model::{Application, Device, DevicePool, Edge, Placement};
 use edgible_acceptance_tests::{Cli, ServerProcess};
 use serde_json::Value;
 
 /// A server and a CLI logged in to it with the server's bootstrap key.
 struct Setup {
     /// Held so that the server runs as long as the test; dropping it stops the server.
-    _server: ServerProcess,
+    server: ServerProcess,
     cli: Cli,
     client: Client,
     // Declared last so that it is removed only after the server has stopped.
@@ -28,7 +28,7 @@ impl Setup {
         let cli = Cli::new(&dir.path().join("config"))?;
         cli.ok(&["login", "--server", &server.url, "--key", &server.admin_key])?;
         let client = server.client()?;
-        Ok(Self { _server: server, cli, client, dir })
+        Ok(Self { server, cli, client, dir })
     }
 
     fn write(&self, name: &str, text: &str) -> anyhow::Result<String> {
@@ -188,6 +188,45 @@ async fn objects_are_created_listed_fetched_by_name_or_id_and_deleted() -> anyho
     assert!(gone.stderr.contains("no application"), "{}", gone.stderr);
     assert!(client.list_all::<Device>().await?.is_empty());
     assert!(client.list_all::<DevicePool>().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn edges_are_created_with_a_token_listed_and_deleted_and_the_ca_is_printed() -> anyhow::Result<()> {
+    let setup = Setup::start()?;
+    let (cli, client) = (&setup.cli, &setup.client);
+
+    cli.ok(&["pool", "create", "home", "--cidr", "100.96.0.0/24"])?;
+    cli.ok(&["device", "create", "dev1", "--pool", "home"])?;
+    let created = cli.json(&["edge", "create", "edge1", "--pool", "home", "--endpoint", "203.0.113.1:51820"])?;
+    assert!(created["enrollment_token"].as_str().is_some_and(|token| !token.is_empty()), "{created}");
+    // Devices and edges of a pool share its addresses.
+    assert_eq!(created["edge"]["status"]["tunnel_address"], "100.96.0.2", "{created}");
+    let printed = cli.ok(&["edge", "create", "edge2", "--pool", "home", "--endpoint", "edge.example.test:51820"])?;
+    assert!(printed.stdout.contains("edgible-edge enroll"), "{}", printed.stdout);
+
+    assert_eq!(cli.json(&["edge", "list"])?, serde_json::to_value(client.list_all::<Edge>().await?)?);
+    let table = cli.ok(&["edge", "list"])?.stdout;
+    assert!(table.contains("edge1") && table.contains("203.0.113.1:51820") && table.contains("home"), "{table}");
+    let edge1 = client.find_by_name::<Edge>("edge1").await?.expect("edge1 exists");
+    assert_eq!(cli.json(&["edge", "get", "edge1"])?, serde_json::to_value(&edge1)?);
+
+    // Bad endpoints are refused before any request, naming what is wrong.
+    let invalid = cli.run(&["edge", "create", "bad", "--pool", "home", "--endpoint", "203.0.113.1"])?;
+    assert!(!invalid.status.success() && invalid.stderr.contains("host:port"), "{}", invalid.stderr);
+
+    // The CA the platform's certificates chain to, as PEM, for clients to trust.
+    let ca = cli.ok(&["ca"])?.stdout;
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----") && ca.trim_end().ends_with("-----END CERTIFICATE-----"));
+    assert_eq!(ca, Client::ca_pem(&setup.server.url).await?);
+
+    let busy = cli.fails(&["pool", "delete", "home"])?;
+    assert!(busy.stderr.contains("409"), "a pool with edges stays: {}", busy.stderr);
+    cli.ok(&["edge", "delete", "edge1"])?;
+    cli.ok(&["edge", "delete", "edge2"])?;
+    assert!(client.list_all::<Edge>().await?.is_empty());
+    let gone = cli.fails(&["edge", "get", "edge1"])?;
+    assert!(gone.stderr.contains("no edge"), "{}", gone.stderr);
     Ok(())
 }
 
