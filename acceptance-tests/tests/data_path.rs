@@ -6,8 +6,8 @@
 //!
 //! One test walks the scenarios in order, printing what each step checks: HTTPS through the
 //! edge with the internal CA and the client's address in `X-Forwarded-For`; HTTP/2, a WebSocket
-//! echo and 100 MB each way with checksums; refusals (unknown SNI, no SNI, a Host that is not
-//! the SNI's) that never reach a workload; movability (the device changes address); a device
+//! echo and 100 MB each way with checksums, and a raw TCP application; refusals (unknown SNI,
+//! no SNI, a Host that is not the SNI's) that never reach a workload; movability (the device changes address); a device
 //! going offline and coming back; and a placement moved by Terraform. Another runs the local
 //! platform with `--check`.
 //!
@@ -38,6 +38,8 @@ use tokio_tungstenite::tungstenite::Message;
 const HOST_A: &str = "a.example.test";
 /// Application B's hostname (on dev2).
 const HOST_B: &str = "b.example.test";
+/// Application C's hostname (on dev2, exposed as raw TLS-terminated TCP).
+const HOST_C: &str = "c.example.test";
 /// The size of the streamed upload and download.
 const TRANSFER: u64 = 100 << 20;
 /// How long the first request may take: certificates are issued and tunnels come up.
@@ -52,7 +54,7 @@ const APPLY: Duration = Duration::from_secs(300);
 const QUICK_REFUSAL: Duration = Duration::from_secs(5);
 
 /// The Terraform configuration: pool, edge, two devices, applications A and B, A placed on
-/// `a_device`, B on dev2.
+/// `a_device`, B on dev2, and C (raw TCP) on dev2.
 fn configuration(workload: &Path, a_device: &str) -> String {
     let workload = workload.display();
     format!(
@@ -116,6 +118,19 @@ resource "edgible_application" "b" {{
   }}
 }}
 
+resource "edgible_application" "c" {{
+  name      = "app-c"
+  hostnames = ["{HOST_C}"]
+  port      = 18083
+  protocol  = "tcp"
+  env       = {{ NAME = "app-c" }}
+  workload {{
+    process {{
+      command = "{workload}"
+    }}
+  }}
+}}
+
 resource "edgible_placement" "a" {{
   application_id = edgible_application.a.id
   strategy       = "serving-device"
@@ -124,6 +139,12 @@ resource "edgible_placement" "a" {{
 
 resource "edgible_placement" "b" {{
   application_id = edgible_application.b.id
+  strategy       = "serving-device"
+  device_id      = edgible_device.dev2.id
+}}
+
+resource "edgible_placement" "c" {{
+  application_id = edgible_application.c.id
   strategy       = "serving-device"
   device_id      = edgible_device.dev2.id
 }}
@@ -429,6 +450,16 @@ async fn scenario_protocols(run: &DataPath) -> anyhow::Result<()> {
     anyhow::ensure!(digest == expected, "the download arrived corrupted (sha256 {digest}, expected {expected})");
     eprintln!("    downloaded 100 MB in {:.1?}", started.elapsed());
     std::fs::remove_file(&download)?;
+
+    step("2e. a raw TCP application: TLS ends on the device, the bytes reach the workload unchanged");
+    // The workload happens to speak HTTP; behind a raw route it must see the client's request
+    // exactly as sent (no X-Forwarded-* added), and no ALPN is agreed, so curl falls back to
+    // HTTP/1.1 by itself.
+    let answer = run.served_by(HOST_C, "app-c", "dev2", CONVERGE).await?;
+    anyhow::ensure!(field(&answer, "x-forwarded-for") == Some("-"), "the raw route added headers:\n{answer}");
+    let output = run.curl(HOST_C, "/", &["--fail-with-body", "-w", "\nhttp_version=%{http_version}\n"])?;
+    anyhow::ensure!(output.success, "{output}");
+    anyhow::ensure!(field(&output.stdout, "http_version") == Some("1.1"), "raw TCP negotiated HTTP/2: {output}");
     Ok(())
 }
 

@@ -2,10 +2,11 @@
 //!
 //! Every connection comes from an edge: the source address must be one of the edges' addresses
 //! ([`EdgeSources`], replaceable while the proxy runs; anything else is closed at once), and the stream starts with a PROXY protocol v2
-//! header carrying the real client address. Then rustls terminates TLS with the certificate
-//! of the SNI name, and the connection is served either as HTTP/1.1 or HTTP/2 (reverse proxied
-//! to the workload on `127.0.0.1:PORT`, see [`http`]) or, for raw applications, spliced as
-//! plaintext TCP to the workload.
+//! header carrying the real client address. Then the ClientHello is read and its SNI name
+//! chooses the route (a name without a route is closed before any handshake); rustls
+//! terminates TLS with that name's certificate, and the connection is served either as
+//! HTTP/1.1 or HTTP/2 (ALPN; reverse proxied to the workload on `127.0.0.1:PORT`, see [`http`])
+//! or, for raw applications, without ALPN, spliced as plaintext TCP to the workload.
 //!
 //! - [`edgible::proxy_protocol`]: the pure PROXY v2 codec, shared with the edge that encodes it.
 //! - [`tls`]: the certificate store, swappable while connections run, and the SNI resolver.
@@ -29,7 +30,8 @@ use thiserror::Error;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::server::TlsStream;
 use tracing::{debug, warn};
 
 pub use self::tls::{CertificateError, CertificateStore};
@@ -89,7 +91,7 @@ pub struct Route {
 }
 
 /// The route table, hostname (or `*.`-wildcard) to [`Route`], which the reconciler updates
-/// while connections run; each connection looks its route up once, after the handshake.
+/// while connections run; each connection looks its route up once, from its ClientHello.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: RwLock<HashMap<String, Route>>,
@@ -190,7 +192,7 @@ pub struct Proxy {
 struct Shared {
     config: ProxyConfig,
     edges: Arc<EdgeSources>,
-    acceptor: TlsAcceptor,
+    tls: tls::ServerConfigs,
     routes: Arc<RouteTable>,
     metrics: Arc<ProxyMetrics>,
 }
@@ -203,14 +205,14 @@ impl Proxy {
         certificates: Arc<CertificateStore>,
         routes: Arc<RouteTable>,
     ) -> Result<Self, ProxyError> {
-        let tls_config = tls::server_config(certificates)?;
+        let tls = tls::server_configs(certificates)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ProxyError::Bind { address: config.listen, source })?;
         let shared = Shared {
             edges: EdgeSources::new(config.edges.iter().copied()),
             config,
-            acceptor: TlsAcceptor::from(Arc::new(tls_config)),
+            tls,
             routes,
             metrics: Arc::new(ProxyMetrics::default()),
         };
@@ -286,6 +288,31 @@ fn client_address(header: &Header, peer: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Why a TLS handshake did not complete.
+#[derive(Debug, Error)]
+enum HandshakeError {
+    #[error("the ClientHello names no server")]
+    NoServerName,
+    #[error("no route for {0}")]
+    NoRoute(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads the ClientHello, finds the route of its SNI name, and completes the handshake with the
+/// configuration that route needs (ALPN for HTTP, none for raw TCP).
+async fn handshake(
+    shared: &Shared,
+    stream: TcpStream,
+) -> Result<(TlsStream<TcpStream>, String, Route), HandshakeError> {
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+    let server_name = start.client_hello().server_name().map(str::to_owned).ok_or(HandshakeError::NoServerName)?;
+    let route = shared.routes.find(&server_name).ok_or_else(|| HandshakeError::NoRoute(server_name.clone()))?;
+    let config = if route.raw_tcp { &shared.tls.raw } else { &shared.tls.http };
+    let tls = start.into_stream(config.clone()).await?;
+    Ok((tls, server_name, route))
+}
+
 async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     let metrics = &shared.metrics;
     // One deadline for the PROXY header and the TLS handshake together.
@@ -305,8 +332,13 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
     };
     let client = client_address(&header, peer);
     let _ = stream.set_nodelay(true);
-    let tls = match tokio::time::timeout_at(deadline, shared.acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
+    let (tls, server_name, route) = match tokio::time::timeout_at(deadline, handshake(&shared, stream)).await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(HandshakeError::NoRoute(server_name))) => {
+            ProxyMetrics::count(&metrics.no_route);
+            debug!(%client, %server_name, "no route for the name");
+            return;
+        }
         Ok(Err(error)) => {
             ProxyMetrics::count(&metrics.tls_failed);
             debug!(%client, %error, "TLS handshake failed");
@@ -317,16 +349,6 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
             debug!(%client, "TLS handshake timed out");
             return;
         }
-    };
-    // The resolver refuses handshakes without SNI, so a finished handshake has a name.
-    let Some(server_name) = tls.get_ref().1.server_name().map(str::to_owned) else {
-        ProxyMetrics::count(&metrics.tls_failed);
-        return;
-    };
-    let Some(route) = shared.routes.find(&server_name) else {
-        ProxyMetrics::count(&metrics.no_route);
-        debug!(%client, %server_name, "no route for the name");
-        return;
     };
     ProxyMetrics::count(&metrics.served_connections);
     if route.raw_tcp {

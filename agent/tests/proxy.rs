@@ -565,6 +565,37 @@ async fn raw_tcp_mode_splices_plaintext() -> Result<()> {
 }
 
 #[tokio::test]
+async fn raw_tcp_mode_negotiates_no_alpn_while_http_names_get_h2() -> Result<()> {
+    let fixture = fixture().await;
+    route_raw_echo(&fixture).await?;
+
+    // A client offering h2 to a raw application must not believe the workload speaks it.
+    let mut tls = fixture.connect("raw.example.test", &[b"h2", b"http/1.1"]).await?;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    tls.write_all(b"still raw\n").await?;
+    let mut buffer = [0u8; 10];
+    tokio::time::timeout(TIMEOUT, tls.read_exact(&mut buffer)).await??;
+    assert_eq!(&buffer, b"still raw\n");
+
+    let tls = fixture.connect(APP, &[b"h2", b"http/1.1"]).await?;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_name_without_a_route_is_closed_before_the_handshake() -> Result<()> {
+    let fixture = fixture().await;
+    // A certificate exists for the name, but no route: nothing to serve, no handshake.
+    let (chain, key, _) = fixture.pki.leaf("unrouted.example.test");
+    fixture.certificates.insert_pem("unrouted.example.test", chain.as_bytes(), key.as_bytes())?;
+    assert!(fixture.connect("unrouted.example.test", &[]).await.is_err());
+    wait_until("a connection counted as without a route", || fixture.metrics.no_route.load(Ordering::Relaxed) == 1)
+        .await?;
+    assert_eq!(fixture.metrics.tls_failed.load(Ordering::Relaxed), 0);
+    Ok(())
+}
+
+#[tokio::test]
 async fn connections_from_other_addresses_are_refused() -> Result<()> {
     // Only 127.0.0.9 is an edge; the test connects from 127.0.0.1.
     let fixture = fixture_with_edges([IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9))]).await;
@@ -605,7 +636,8 @@ async fn unknown_sni_fails_the_handshake() -> Result<()> {
     let fixture = fixture().await;
     assert!(fixture.connect("unknown.example.test", &[]).await.is_err());
     let metrics = fixture.metrics.clone();
-    wait_until("the failed handshake counted", || metrics.tls_failed.load(Ordering::Relaxed) == 1).await?;
+    wait_until("the unknown name counted", || metrics.no_route.load(Ordering::Relaxed) == 1).await?;
+    assert_eq!(metrics.served_connections.load(Ordering::Relaxed), 0);
     Ok(())
 }
 

@@ -116,16 +116,25 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// The TLS configuration of the proxy: ring, certificates from `store` by SNI, ALPN h2 and
-/// http/1.1.
-pub fn server_config(store: Arc<CertificateStore>) -> Result<ServerConfig, rustls::Error> {
+/// The TLS configurations of the proxy, both with ring and certificates from the store by SNI:
+/// `http` offers ALPN h2 and http/1.1; `raw`, for applications exposed as plain TCP, offers no
+/// ALPN at all, so that a client never believes it agreed on a protocol the workload does not
+/// speak.
+#[derive(Debug, Clone)]
+pub struct ServerConfigs {
+    pub http: Arc<ServerConfig>,
+    pub raw: Arc<ServerConfig>,
+}
+
+pub fn server_configs(store: Arc<CertificateStore>) -> Result<ServerConfigs, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let raw = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { store }));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+    let mut http = raw.clone();
+    http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(ServerConfigs { http: Arc::new(http), raw: Arc::new(raw) })
 }
 
 #[cfg(test)]
