@@ -320,11 +320,17 @@ fn check(
     Ok((info, certified))
 }
 
-/// A PEM CSR for `hostnames` signed by the key.
+/// A PEM CSR for `hostnames` signed by the key. The names are subject alternative names and
+/// the subject is the first of them: public ACME CAs refuse requests whose common name is not
+/// one of the names (rcgen's default subject is a placeholder).
 fn csr(key_pem: &str, hostnames: &BTreeSet<String>) -> Result<String, String> {
     let key = KeyPair::from_pem(key_pem).map_err(|error| error.to_string())?;
-    let params =
+    let mut params =
         CertificateParams::new(hostnames.iter().cloned().collect::<Vec<_>>()).map_err(|error| error.to_string())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    if let Some(first) = hostnames.iter().next() {
+        params.distinguished_name.push(rcgen::DnType::CommonName, first.as_str());
+    }
     let request = params.serialize_request(&key).map_err(|error| error.to_string())?;
     request.pem().map_err(|error| error.to_string())
 }
@@ -440,6 +446,11 @@ pub(crate) mod tests {
         );
         let csr = CertificateSigningRequestParams::from_pem(&request.csr_pem).unwrap();
         assert_eq!(csr.params.subject_alt_names.len(), 2, "the hostnames are the CSR's names");
+        let common_name = csr.params.distinguished_name.get(&rcgen::DnType::CommonName);
+        assert!(
+            format!("{common_name:?}").contains("\"*.web.example.test\""),
+            "the subject is the first hostname, not rcgen's placeholder: {common_name:?}"
+        );
         assert!(certificates.sync(&state, at(2026)).is_empty(), "no second request within the interval");
 
         // Refused: another key's certificate, and one for other names.
