@@ -26,13 +26,9 @@ use crate::sni::ServerName;
 pub const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
 /// One HTTP-01 challenge: the CA will fetch `http://{hostname}/.well-known/acme-challenge/{token}`
-/// and expects `key_authorization` as the body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AcmeChallenge {
-    pub hostname: Hostname,
-    pub token: String,
-    pub key_authorization: String,
-}
+/// and expects `key_authorization` as the body. The protocol's type, as the server pushes it in
+/// `edge_config`.
+pub use edgible::protocol::v1::AcmeChallenge;
 
 /// Why a challenge cannot be served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,8 +8,9 @@
 //!   jitter ([`crate::backoff`]); a session that stayed up for `reset_after` resets the backoff.
 //!
 //! The peers go to a [`PeerSet`] (the real one is [`crate::tunnel::EdgeTunnel`]), the routes to
-//! [`SharedRoutes`]. While the server is unreachable the edge keeps serving the last
-//! configuration it applied.
+//! [`crate::route_source::SharedRoutes`], the ACME HTTP-01 challenges to the HTTP port's
+//! [`crate::acme_http::ChallengeStore`]. While the server is unreachable the edge keeps serving
+//! the last configuration it applied.
 
 pub mod plan;
 pub mod session;
@@ -31,10 +32,10 @@ use tokio_tungstenite::{Connector, tungstenite};
 use url::Url;
 
 use self::plan::EdgePlan;
-use self::session::{SessionContext, SessionEnd, stopped};
+pub use self::session::SessionContext;
+use self::session::{SessionEnd, stopped};
 use crate::backoff::{Backoff, full_jitter};
 use crate::metrics::{MetricSource, write_family};
-use crate::route_source::SharedRoutes;
 
 /// The path of the edges' push endpoint, below the server's base URL.
 pub const CONNECT_PATH: &str = edgible::protocol::EDGE_CONNECT_PATH;
@@ -234,16 +235,9 @@ impl HubConnector {
 }
 
 /// Keeps a session with the server until `shutdown` turns true (or its sender is dropped).
-pub async fn run(
-    config: &HubConfig,
-    hello: &HelloParams,
-    connector: &HubConnector,
-    peers: &dyn PeerSet,
-    routes: &SharedRoutes,
-    stats: &HubStats,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let context = SessionContext { config, hello, peers, routes, stats };
+/// `context` says what the sessions change (peers, routes, challenges) and count.
+pub async fn run(context: &SessionContext<'_>, connector: &HubConnector, mut shutdown: watch::Receiver<bool>) {
+    let config = context.config;
     let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
     let mut applied: Option<Revision> = None;
     loop {
@@ -257,7 +251,7 @@ pub async fn run(
         match attempt {
             Ok(Ok(socket)) => {
                 let (tx, rx) = socket.split();
-                let outcome = session::run(&context, &mut applied, tx, rx, &mut shutdown).await;
+                let outcome = session::run(context, &mut applied, tx, rx, &mut shutdown).await;
                 if outcome.end == SessionEnd::Shutdown {
                     return;
                 }

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use edgible_edge::acme_http::ChallengeStore;
 use edgible_edge::config::{Command, Config, EnrollConfig, LogFormat, RunConfig};
-use edgible_edge::hub_client::{self, HelloParams, HubConfig, HubConnector, HubStats};
+use edgible_edge::hub_client::{self, HelloParams, HubConfig, HubConnector, HubStats, SessionContext};
 use edgible_edge::metrics::MetricSource;
 use edgible_edge::route_file;
 use edgible_edge::route_source::SharedRoutes;
@@ -108,7 +108,8 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     let shutdown = shutdown_signal().context("listening for SIGTERM")?;
     let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
 
-    let mut edge = Edge::bind(config.edge_config(), routes.clone(), ChallengeStore::new()).await?;
+    let challenges = ChallengeStore::new();
+    let mut edge = Edge::bind(config.edge_config(), routes.clone(), challenges.clone()).await?;
     if let Some(hub) = &hub {
         edge = edge
             .with_metric_source(Arc::clone(&hub.stats) as Arc<dyn MetricSource>)
@@ -121,8 +122,15 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     let hub_task = hub.map(|hub| {
         let routes = routes.clone();
         tokio::spawn(async move {
-            hub_client::run(&hub.config, &hub.hello, &hub.connector, &*hub.tunnel, &routes, &hub.stats, hub_stopped)
-                .await;
+            let context = SessionContext {
+                config: &hub.config,
+                hello: &hub.hello,
+                peers: &*hub.tunnel,
+                routes: &routes,
+                challenges: &challenges,
+                stats: &hub.stats,
+            };
+            hub_client::run(&context, &hub.connector, hub_stopped).await;
             hub.tunnel
         })
     });

@@ -26,7 +26,8 @@ use edgible::model::{
 };
 use edgible::tunnel::{PrivateKey, Tunnel};
 use edgible_acceptance_tests::{ServerProcess, heavy_tier, wait_for};
-use edgible_edge::hub_client::{self, HelloParams, HubConfig, HubConnector, HubStats};
+use edgible_edge::acme_http::ChallengeStore;
+use edgible_edge::hub_client::{self, HelloParams, HubConfig, HubConnector, HubStats, SessionContext};
 use edgible_edge::metrics::MetricSource as _;
 use edgible_edge::route_source::SharedRoutes;
 use edgible_edge::state::{self, StateDir};
@@ -203,7 +204,17 @@ async fn an_enrolled_edge_receives_its_peers_and_routes_from_the_server() -> Res
     let session = {
         let (tunnel, routes, stats) = (Arc::clone(&tunnel), routes.clone(), Arc::clone(&stats));
         tokio::spawn(async move {
-            hub_client::run(&HubConfig::default(), &hello, &connector, &*tunnel, &routes, &stats, stopped).await;
+            let config = HubConfig::default();
+            let challenges = ChallengeStore::new();
+            let context = SessionContext {
+                config: &config,
+                hello: &hello,
+                peers: &*tunnel,
+                routes: &routes,
+                challenges: &challenges,
+                stats: &stats,
+            };
+            hub_client::run(&context, &connector, stopped).await;
         })
     };
 

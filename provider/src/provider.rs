@@ -609,6 +609,7 @@ mod tests {
                 "edgible_application",
                 "edgible_device",
                 "edgible_device_pool",
+                "edgible_domain",
                 "edgible_edge",
                 "edgible_placement"
             ]

@@ -5,6 +5,7 @@ mod api_key;
 mod application;
 pub(crate) mod device;
 mod device_pool;
+mod domain;
 mod edge;
 mod placement;
 
@@ -26,6 +27,7 @@ pub use api_key::ApiKeyModel;
 pub use application::ApplicationModel;
 pub use device::DeviceModel;
 pub use device_pool::DevicePoolModel;
+pub use domain::DomainModel;
 pub use edge::EdgeModel;
 pub use placement::PlacementModel;
 
@@ -53,6 +55,7 @@ pub fn all() -> Vec<Box<dyn ManagedResource>> {
         Box::new(Managed::<PlacementModel>::new()),
         Box::new(Managed::<ApiKeyModel>::new()),
         Box::new(Managed::<EdgeModel>::new()),
+        Box::new(Managed::<DomainModel>::new()),
     ]
 }
 

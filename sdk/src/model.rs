@@ -18,7 +18,8 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use ids::{
-    ApiKeyId, ApplicationId, DeviceId, DevicePoolId, EdgeId, EventId, MemberId, OrganizationId, PlacementId, UserId,
+    ApiKeyId, ApplicationId, DeviceId, DevicePoolId, DomainId, EdgeId, EventId, MemberId, OrganizationId, PlacementId,
+    UserId,
 };
 pub use validation::{
     AbsolutePath, EdgeEndpoint, EnvName, Hostname, HttpPath, LabelKey, Name, Region, TunnelCidr, ValidationError,
@@ -378,6 +379,82 @@ pub struct EdgeEnrollment {
     #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub tunnel_cidr: Ipv4Net,
     pub credential: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Domains
+
+/// The label under which a domain's verification TXT record lives:
+/// `_edgible-challenge.<domain>`.
+pub const DOMAIN_CHALLENGE_LABEL: &str = "_edgible-challenge";
+
+/// A DNS domain an organization claims. Once verified (its TXT record
+/// `_edgible-challenge.<name>` holds the domain's token), the organization may use the domain
+/// and every name below it as application hostnames, and no other organization can verify it,
+/// a name above it or a name below it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DomainSpec {
+    /// The domain, e.g. `example.com` (no wildcard). Cannot be changed.
+    pub name: Hostname,
+}
+
+impl Validate for DomainSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.name.is_wildcard() {
+            return Err(ValidationError::at(
+                "name",
+                format!("{} is a wildcard; a domain is a plain name such as example.com", self.name),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a domain's ownership has been proven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum DomainState {
+    /// Created; its TXT record was not found (yet).
+    #[default]
+    Pending,
+    /// Its TXT record held the token; the organization owns the domain.
+    Verified,
+}
+
+/// What the platform knows about a domain; never written by users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct DomainStatus {
+    pub state: DomainState,
+    /// The name of the TXT record to create: `_edgible-challenge.<name>`.
+    pub txt_record_name: String,
+    /// The value the TXT record must hold (not a secret: it is published in DNS).
+    pub txt_record_value: String,
+    /// When the record was found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Domain {
+    pub id: DomainId,
+    pub organization_id: OrganizationId,
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub spec: DomainSpec,
+    pub status: DomainStatus,
+}
+
+/// Whether `name` is `domain` itself or a name below it (`a.b.example.com` is below
+/// `example.com`; `badexample.com` is not).
+pub fn is_at_or_below(name: &str, domain: &str) -> bool {
+    name == domain
+        || (name.len() > domain.len() && name.ends_with(domain) && name[..name.len() - domain.len()].ends_with('.'))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -975,6 +1052,14 @@ pub struct ApplicationStatus {
     /// The application revision the device reported this status for; absent until it did.
     pub revision: Option<Revision>,
     pub reported_at: Option<DateTime<Utc>>,
+    /// When the certificate the server last issued for the application expires; absent until
+    /// one was issued. The device keeps serving it while a renewal fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_expires_at: Option<DateTime<Utc>>,
+    /// The application's certificate: `valid`, `pending` (an ACME order is running) or
+    /// `failed: <reason>`; absent until the device asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_status: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -1221,6 +1306,18 @@ mod tests {
         let body = json!({"token": "edgenr_x", "public_key": "nope"});
         let error = parse_json::<EnrollmentRequest>(body.to_string().as_bytes()).unwrap_err();
         assert_eq!(error.field.as_deref(), Some("public_key"));
+    }
+
+    #[test]
+    fn domains_cover_themselves_and_names_below_only() {
+        assert!(is_at_or_below("example.com", "example.com"));
+        assert!(is_at_or_below("a.b.example.com", "example.com"));
+        assert!(!is_at_or_below("badexample.com", "example.com"));
+        assert!(!is_at_or_below("example.com", "a.example.com"));
+        let wildcard = parse_json::<DomainSpec>(br#"{"name": "*.example.com"}"#).unwrap_err();
+        assert_eq!(wildcard.field.as_deref(), Some("name"));
+        let spec = parse_json::<DomainSpec>(br#"{"name": "example.com"}"#).unwrap();
+        assert_eq!(spec.name.as_str(), "example.com");
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod api_keys;
 mod applications;
 mod device_pools;
 mod devices;
+mod domains;
 mod edge_session;
 mod edges;
 pub mod error;
@@ -66,6 +67,9 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/applications/{id}", get(applications::get).put(applications::update).delete(applications::delete))
         .route("/v1/placements", get(placements::list).post(placements::create))
         .route("/v1/placements/{id}", get(placements::get).put(placements::update).delete(placements::delete))
+        .route("/v1/domains", get(domains::list).post(domains::create))
+        .route("/v1/domains/{id}", get(domains::get).delete(domains::delete))
+        .route("/v1/domains/{id}/verify", post(domains::verify))
         .route("/v1/applications/{id}/status", get(reports::status))
         .route("/v1/applications/{id}/logs", get(reports::logs))
         .route("/v1/events", get(reports::events))
@@ -152,6 +156,7 @@ fn tagged<T: Serialize>(status: StatusCode, revision: Revision, value: T) -> Res
         reports::status, reports::logs, reports::events,
         agents::enroll, agents::connect,
         edge_session::enroll, edge_session::connect, edge_session::ca_pem,
+        domains::list, domains::create, domains::get, domains::verify, domains::delete,
     ),
     components(schemas(edgible::model::ErrorBody, edgible::model::ErrorDetail)),
     modifiers(&BearerAuth),
@@ -168,6 +173,7 @@ fn tagged<T: Serialize>(status: StatusCode, revision: Revision, value: T) -> Res
         (name = "placements", description = "Where each application runs"),
         (name = "events", description = "Lifecycle events agents reported"),
         (name = "agents", description = "Enrollment and the push session of device agents"),
+        (name = "domains", description = "Domains an organization proves it owns, for application hostnames"),
     )
 )]
 pub struct ApiDoc;

@@ -12,6 +12,17 @@
 //! that every name it asks for is one of the application's hostnames and issues a leaf for
 //! all of them, valid [`LEAF_VALIDITY`] (30 days). Whether the application is placed on the
 //! device is the session's check (`hub::agent`), which knows the device's desired state.
+//!
+//! With `--issuer acme` the certificates come from an ACME CA instead: [`acme`] runs the
+//! orders (persisted, deduplicated, HTTP-01 answered by the edges through
+//! [`challenges::ChallengeBoard`]), [`orders`] holds their pure rules and [`sealed`] the server
+//! key that encrypts the ACME account at rest. [`check_request`] is the CSR check both issuers
+//! share.
+
+pub mod acme;
+pub mod challenges;
+pub mod orders;
+pub mod sealed;
 
 use std::time::Duration;
 
@@ -59,6 +70,8 @@ pub enum SignError {
     NameNotAllowed { name: String, allowed: String },
     #[error("the request asks for a name that is not a DNS name ({0}); only the application's hostnames are signed")]
     NotADnsName(String),
+    #[error("the request must name every hostname of the application; it lacks {0}")]
+    MissingNames(String),
     #[error("the application has no hostnames to sign for")]
     NoHostnames,
     #[error(transparent)]
@@ -201,6 +214,29 @@ impl CertificateAuthority {
             not_after: DateTime::from_timestamp(not_after.timestamp(), 0).unwrap_or(not_after),
         })
     }
+}
+
+/// Checks a certificate request for an application with `hostnames`: a valid PEM CSR whose
+/// names are all among them and, with `every` (ACME orders cover all of them), include each.
+pub fn check_request(csr_pem: &str, hostnames: &[Hostname], every: bool) -> Result<(), SignError> {
+    let request = CertificateSigningRequestParams::from_pem(csr_pem).map_err(SignError::Csr)?;
+    check_names(&request.params.subject_alt_names, hostnames)?;
+    if every {
+        let missing: Vec<&str> =
+            hostnames
+                .iter()
+                .map(Hostname::as_str)
+                .filter(|hostname| {
+                    !request.params.subject_alt_names.iter().any(
+                        |san| matches!(san, SanType::DnsName(name) if name.as_str().eq_ignore_ascii_case(hostname)),
+                    )
+                })
+                .collect();
+        if !missing.is_empty() {
+            return Err(SignError::MissingNames(missing.join(", ")));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that every subject alternative name a request asks for is one of `hostnames`.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use edgible::model::Name;
+use edgible::model::{Hostname, Name};
 
 /// Where the database URL may also come from.
 pub const DATABASE_URL_ENV: &str = "EDGIBLE_DATABASE_URL";
@@ -14,6 +14,14 @@ pub const DATABASE_URL_ENV: &str = "EDGIBLE_DATABASE_URL";
 pub const LISTEN_ENV: &str = "EDGIBLE_LISTEN";
 /// Where the log format may also come from.
 pub const LOG_FORMAT_ENV: &str = "EDGIBLE_LOG_FORMAT";
+/// Where the certificate issuer may also come from.
+pub const ISSUER_ENV: &str = "EDGIBLE_ISSUER";
+/// Where the ACME directory URL may also come from.
+pub const ACME_DIRECTORY_ENV: &str = "EDGIBLE_ACME_DIRECTORY";
+/// Where the ACME External Account Binding HMAC key may also come from (kept off command lines).
+pub const ACME_EAB_HMAC_KEY_ENV: &str = "EDGIBLE_ACME_EAB_HMAC_KEY";
+/// Where the server key file's path may also come from.
+pub const SERVER_KEY_FILE_ENV: &str = "EDGIBLE_SERVER_KEY_FILE";
 
 #[derive(Debug, Parser)]
 #[command(name = "edgible-server", version, about = "The Edgible control plane")]
@@ -27,6 +35,15 @@ pub struct Config {
     pub command: Command,
 }
 
+/// Who issues devices' certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Issuer {
+    /// The server's internal CA.
+    Internal,
+    /// An ACME CA (`--acme-directory`).
+    Acme,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -35,10 +52,12 @@ pub enum LogFormat {
     Json,
 }
 
+// The command line is parsed once per process; boxing `ServeConfig` would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the API until SIGTERM or SIGINT.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Create the first organization and a `platform` key on an empty database, printing the
     /// key's secret; refuses once any organization exists.
     Bootstrap(BootstrapConfig),
@@ -78,11 +97,84 @@ pub struct ServeConfig {
     /// Seconds an agent may take to answer a ping before its session is closed.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub agent_pong_timeout_seconds: u64,
+
+    /// Who issues the certificates devices serve: `internal` (this server's own CA, for
+    /// offline and local use; clients must trust `GET /v1/ca.pem`) or `acme` (an ACME CA such
+    /// as Let's Encrypt, HTTP-01 answered by the edges; needs `--acme-directory` and
+    /// `--server-key-file`). Devices always keep their private keys: only CSRs reach the server.
+    #[arg(long, value_enum, default_value_t = Issuer::Internal, env = ISSUER_ENV)]
+    pub issuer: Issuer,
+
+    /// The ACME CA's directory URL (`https://...`), e.g.
+    /// `https://acme-v02.api.letsencrypt.org/directory`. Required with `--issuer acme`.
+    #[arg(long, value_name = "URL", required_if_eq("issuer", "acme"), env = ACME_DIRECTORY_ENV)]
+    pub acme_directory: Option<String>,
+
+    /// A contact e-mail address for the ACME account (`mailto:` is added). Repeatable, or
+    /// several separated by commas.
+    #[arg(long = "acme-contact", value_name = "EMAIL", value_delimiter = ',')]
+    pub acme_contacts: Vec<String>,
+
+    /// The key identifier of the External Account Binding the CA requires, if any (with
+    /// `--acme-eab-hmac-key`).
+    #[arg(long, value_name = "KID", requires = "acme_eab_hmac_key")]
+    pub acme_eab_kid: Option<String>,
+
+    /// The External Account Binding's HMAC key, base64url as CAs hand it out (with
+    /// `--acme-eab-kid`).
+    #[arg(long, value_name = "KEY", requires = "acme_eab_kid", env = ACME_EAB_HMAC_KEY_ENV, hide_env_values = true)]
+    pub acme_eab_hmac_key: Option<String>,
+
+    /// PEM file of the root certificates to trust for the ACME CA's own HTTPS (a private CA, or
+    /// Pebble in tests), instead of the system's roots.
+    #[arg(long, value_name = "FILE")]
+    pub acme_ca_bundle: Option<PathBuf>,
+
+    /// How many ACME orders run at once; more requests wait their turn. Bounds the rate at
+    /// which this server asks the CA for certificates.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub acme_max_concurrent_orders: u32,
+
+    /// The server key (32 random bytes, base64) that encrypts secrets at rest in the database
+    /// (the ACME account's key, with ChaCha20-Poly1305). Created, mode 0600, if missing; keep a
+    /// copy: without it the stored account cannot be used. Required with `--issuer acme`.
+    #[arg(long, value_name = "FILE", required_if_eq("issuer", "acme"), env = SERVER_KEY_FILE_ENV)]
+    pub server_key_file: Option<PathBuf>,
+
+    /// A DNS zone whose names (one or more labels below it, e.g. `web.apps.example.com`)
+    /// applications take first come, first served. Repeatable. With at least one zone,
+    /// hostname ownership is enforced: any other hostname must be under a domain the
+    /// organization verified (`POST /v1/domains`). Without any zone and without
+    /// `--require-domain-ownership`, hostnames are only checked for uniqueness.
+    #[arg(long = "platform-zone", value_name = "ZONE", value_parser = parse_platform_zone)]
+    pub platform_zones: Vec<Hostname>,
+
+    /// Enforce hostname ownership even without a platform zone: every application hostname
+    /// must be under a domain the organization verified. Hostnames an application already
+    /// holds are not re-checked.
+    #[arg(long)]
+    pub require_domain_ownership: bool,
+
+    /// The DNS server (`ADDR:PORT`, UDP and TCP) that domain verification asks for TXT
+    /// records, instead of the system's resolvers (`/etc/resolv.conf`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub dns_resolver: Option<SocketAddr>,
 }
 
 impl ServeConfig {
     pub fn drain_deadline(&self) -> Duration {
         Duration::from_secs(self.drain_seconds)
+    }
+
+    /// Hostname ownership and domain verification, as the flags configure them.
+    pub fn domain_settings(&self) -> crate::domains::DomainSettings {
+        crate::domains::DomainSettings {
+            policy: crate::domains::HostnamePolicy {
+                platform_zones: self.platform_zones.clone(),
+                require_ownership: self.require_domain_ownership,
+            },
+            resolver: crate::domains::TxtResolver { server: self.dns_resolver },
+        }
     }
 
     /// The timing of agent sessions.
@@ -93,6 +185,15 @@ impl ServeConfig {
             ..crate::hub::agent::SessionConfig::default()
         }
     }
+}
+
+/// A `--platform-zone`: a plain hostname (no wildcard).
+fn parse_platform_zone(text: &str) -> Result<Hostname, String> {
+    let zone: Hostname = text.parse().map_err(|error: edgible::model::ValidationError| error.message)?;
+    if zone.is_wildcard() {
+        return Err(format!("{zone} is a wildcard; a platform zone is a plain name such as apps.example.com"));
+    }
+    Ok(zone)
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -133,6 +234,83 @@ mod tests {
         let Command::Serve(serve) = config.command else { panic!("expected serve") };
         assert_eq!(serve.listen.port(), 0);
         assert_eq!(serve.bootstrap.as_ref().map(Name::as_str), Some("platform"));
+    }
+
+    #[test]
+    fn platform_zones_repeat_and_refuse_wildcards() {
+        let config = parse(&[
+            "serve",
+            "--database",
+            "sqlite://x",
+            "--platform-zone",
+            "apps.example.test",
+            "--platform-zone",
+            "apps.example.net",
+            "--dns-resolver",
+            "127.0.0.1:5353",
+        ])
+        .expect("valid command line");
+        let Command::Serve(serve) = config.command else { panic!("expected serve") };
+        let settings = serve.domain_settings();
+        assert_eq!(settings.policy.platform_zones.len(), 2);
+        assert!(settings.policy.enforced());
+        assert_eq!(settings.resolver.server.map(|server| server.port()), Some(5353));
+        let error = parse(&["serve", "--database", "sqlite://x", "--platform-zone", "*.example.test"])
+            .expect_err("a wildcard zone");
+        assert!(error.to_string().contains("--platform-zone"), "{error}");
+
+        let config = parse(&["serve", "--database", "sqlite://x"]).expect("valid command line");
+        let Command::Serve(serve) = config.command else { panic!("expected serve") };
+        assert!(!serve.domain_settings().policy.enforced(), "off by default");
+    }
+
+    #[test]
+    fn acme_needs_a_directory_and_a_server_key_and_takes_its_options() {
+        let serve = |extra: &[&str]| {
+            let mut args = vec!["serve", "--database", "sqlite://x"];
+            args.extend_from_slice(extra);
+            parse(&args).map(|config| match config.command {
+                Command::Serve(serve) => serve,
+                Command::Bootstrap(_) => panic!("expected serve"),
+            })
+        };
+        let internal = serve(&[]).expect("internal needs nothing");
+        assert_eq!(internal.issuer, Issuer::Internal);
+        assert_eq!(internal.acme_max_concurrent_orders, 10);
+
+        let error = serve(&["--issuer", "acme", "--server-key-file", "/k"]).expect_err("no directory");
+        assert!(error.to_string().contains("--acme-directory"), "{error}");
+        let error = serve(&["--issuer", "acme", "--acme-directory", "https://ca/dir"]).expect_err("no key");
+        assert!(error.to_string().contains("--server-key-file"), "{error}");
+        let error = serve(&["--acme-eab-kid", "kid"]).expect_err("a kid without its key");
+        assert!(error.to_string().contains("--acme-eab-hmac-key"), "{error}");
+        let error = serve(&["--acme-max-concurrent-orders", "0"]).expect_err("at least one");
+        assert!(error.to_string().contains("--acme-max-concurrent-orders"), "{error}");
+
+        let acme = serve(&[
+            "--issuer",
+            "acme",
+            "--acme-directory",
+            "https://ca.example/dir",
+            "--server-key-file",
+            "/k",
+            "--acme-contact",
+            "a@example.com,b@example.com",
+            "--acme-contact",
+            "c@example.com",
+            "--acme-eab-kid",
+            "kid",
+            "--acme-eab-hmac-key",
+            "aGVsbG8",
+            "--acme-ca-bundle",
+            "/roots.pem",
+            "--acme-max-concurrent-orders",
+            "3",
+        ])
+        .expect("valid");
+        assert_eq!(acme.issuer, Issuer::Acme);
+        assert_eq!(acme.acme_contacts, ["a@example.com", "b@example.com", "c@example.com"]);
+        assert_eq!(acme.acme_max_concurrent_orders, 3);
     }
 
     #[test]

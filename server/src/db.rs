@@ -9,12 +9,14 @@
 //! hostnames, free tunnel addresses, the last owner) therefore see a stable database, and
 //! unique indexes stay behind them as a safety net.
 
+mod acme;
 mod agents;
 mod api_keys;
 mod applications;
 mod certificate_authority;
 mod device_pools;
 mod devices;
+mod domains;
 mod edges;
 mod entities;
 mod members;
@@ -38,6 +40,7 @@ use sea_orm_migration::MigratorTrait;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
+pub use self::acme::{CertificateState, CertificateSummary, StoredOrder};
 pub use self::agents::{EVENTS_KEPT, EnrollError, EventQuery, StatusReport};
 pub use self::edges::EdgeEnrolled;
 

@@ -1,6 +1,7 @@
-//! What an edge is told: its WireGuard peers (the enrolled devices of its pool) and its route
-//! table (every hostname of every application placed on one of those devices). A pure
-//! function of what the database holds, so the rules are tested without a database.
+//! What an edge is told: its WireGuard peers (the enrolled devices of its pool), its route
+//! table (every hostname of every application placed on one of those devices) and the ACME
+//! HTTP-01 challenges of its pool (`certs::challenges`, passed in). A pure function of what
+//! the database and the challenge board hold, so the rules are tested without either.
 //!
 //! The result is deterministic (peers in address order, routes in hostname order), so that a
 //! session can compare the configuration it computes with the one it sent last and send a new
@@ -13,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use edgible::model::{Application, Device, DeviceId, DeviceState, Revision};
-use edgible::protocol::v1::{DevicePeer, EdgeRoute, EdgeServerMessage};
+use edgible::protocol::v1::{AcmeChallenge, DevicePeer, EdgeRoute, EdgeServerMessage};
 
 /// What an edge's configuration is computed from, read in one database snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +32,9 @@ pub struct EdgeInputs {
 pub struct EdgeConfig {
     pub peers: Vec<DevicePeer>,
     pub routes: Vec<EdgeRoute>,
+    /// The pool's challenges, sorted (as [`crate::certs::challenges::ChallengeBoard::snapshot`]
+    /// gives them).
+    pub challenges: Vec<AcmeChallenge>,
 }
 
 /// The configuration of an edge serving the pool of `devices`. Peers are the enrolled
@@ -59,7 +63,7 @@ pub fn edge_config(devices: &[Device], placed: &[(DeviceId, Application)]) -> Ed
         })
         .collect();
     routes.sort_by(|a, b| a.hostname.as_str().cmp(b.hostname.as_str()));
-    EdgeConfig { peers, routes }
+    EdgeConfig { peers, routes, challenges: Vec::new() }
 }
 
 /// What a session has sent its edge.
@@ -70,18 +74,25 @@ pub struct SentConfig {
 }
 
 impl SentConfig {
-    /// The `edge_config` frame to send for `inputs`, or `None` if its configuration is the one
-    /// sent last. Revisions only grow: a configuration read at a revision not above the last
-    /// one sent (reads and wake-ups may race) goes out as the last revision plus one.
-    pub fn next(&mut self, inputs: &EdgeInputs) -> Option<EdgeServerMessage> {
-        let config = edge_config(&inputs.devices, &inputs.placed);
+    /// The `edge_config` frame to send for `inputs` and the pool's `challenges`, or `None` if
+    /// its configuration is the one sent last. Revisions only grow: a configuration read at a
+    /// revision not above the last one sent (reads and wake-ups may race) goes out as the last
+    /// revision plus one.
+    pub fn next(&mut self, inputs: &EdgeInputs, challenges: Vec<AcmeChallenge>) -> Option<EdgeServerMessage> {
+        let mut config = edge_config(&inputs.devices, &inputs.placed);
+        config.challenges = challenges;
         let revision = match &self.last {
             Some((_, last)) if *last == config => return None,
             Some((last_revision, _)) => inputs.revision.max(last_revision + 1),
             None => inputs.revision,
         };
         self.last = Some((revision, config.clone()));
-        Some(EdgeServerMessage::EdgeConfig { revision, peers: config.peers, routes: config.routes })
+        Some(EdgeServerMessage::EdgeConfig {
+            revision,
+            peers: config.peers,
+            routes: config.routes,
+            challenges: config.challenges,
+        })
     }
 
     /// The revision of the configuration sent last (0 before the first).
@@ -186,20 +197,44 @@ mod tests {
         let web = application("web", &["web.example.test"]);
         let mut sent = SentConfig::default();
         let inputs = EdgeInputs { revision: 5, devices: vec![host.clone()], placed: vec![(host.id, web.clone())] };
-        let Some(EdgeServerMessage::EdgeConfig { revision, routes, .. }) = sent.next(&inputs) else {
+        let Some(EdgeServerMessage::EdgeConfig { revision, routes, .. }) = sent.next(&inputs, Vec::new()) else {
             panic!("the first configuration is always sent");
         };
         assert_eq!((revision, routes.len()), (5, 1));
-        assert_eq!(sent.next(&EdgeInputs { revision: 9, ..inputs.clone() }), None, "nothing changed");
+        assert_eq!(sent.next(&EdgeInputs { revision: 9, ..inputs.clone() }, Vec::new()), None, "nothing changed");
 
         // The device came online, read at a revision not above the last one sent.
         host.status.state = DeviceState::Online;
         let inputs = EdgeInputs { revision: 5, devices: vec![host.clone()], placed: vec![(host.id, web)] };
-        let Some(EdgeServerMessage::EdgeConfig { revision, routes, .. }) = sent.next(&inputs) else {
+        let Some(EdgeServerMessage::EdgeConfig { revision, routes, .. }) = sent.next(&inputs, Vec::new()) else {
             panic!("a changed configuration is sent");
         };
         assert_eq!(revision, 6);
         assert!(routes[0].online);
         assert_eq!(sent.revision(), 6);
+    }
+
+    #[test]
+    fn challenges_ride_in_the_configuration_and_a_change_sends_it_again() {
+        let host = device(2, Some("k2"), DeviceState::Online);
+        let inputs = EdgeInputs { revision: 3, devices: vec![host.clone()], placed: Vec::new() };
+        let challenge = AcmeChallenge {
+            hostname: "web.example.test".parse().expect("a hostname"),
+            token: "tok".into(),
+            key_authorization: "tok.thumb".into(),
+        };
+        let mut sent = SentConfig::default();
+        assert!(sent.next(&inputs, Vec::new()).is_some());
+        let Some(EdgeServerMessage::EdgeConfig { revision, challenges, peers, .. }) =
+            sent.next(&inputs, vec![challenge.clone()])
+        else {
+            panic!("a new challenge changes the configuration");
+        };
+        assert_eq!((revision, challenges, peers.len()), (4, vec![challenge.clone()], 1));
+        assert_eq!(sent.next(&inputs, vec![challenge]), None, "the same challenges again");
+        let Some(EdgeServerMessage::EdgeConfig { revision, challenges, .. }) = sent.next(&inputs, Vec::new()) else {
+            panic!("taking the challenge down changes the configuration");
+        };
+        assert_eq!((revision, challenges.len()), (5, 0));
     }
 }

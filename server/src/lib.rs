@@ -9,6 +9,7 @@ pub mod certs;
 pub mod config;
 pub mod db;
 pub mod desired;
+pub mod domains;
 pub mod edge_config;
 pub mod hub;
 pub mod logs;
@@ -33,6 +34,8 @@ pub struct AppState {
     metrics: Arc<Metrics>,
     agents: Agents,
     edges: Edges,
+    /// Hostname ownership: platform zones, enforcement and the DNS resolver (`crate::domains`).
+    domains: Arc<crate::domains::DomainSettings>,
 }
 
 impl AppState {
@@ -63,9 +66,23 @@ impl AppState {
             metrics: Arc::clone(&metrics),
             config: config.clone(),
             ca,
+            acme: Arc::default(),
+            outbox: Arc::default(),
         };
-        let edges = Edges { db: db.clone(), hub: edge_hub, config };
-        Self { db, metrics, agents, edges }
+        let edges = Edges { db: db.clone(), hub: edge_hub, config, board: Arc::default() };
+        Self { db, metrics, agents, edges, domains: Arc::default() }
+    }
+
+    /// This state with hostname ownership configured by `settings` (the default checks
+    /// uniqueness only and uses the system's resolver).
+    pub fn with_domain_settings(mut self, settings: crate::domains::DomainSettings) -> Self {
+        self.domains = Arc::new(settings);
+        self
+    }
+
+    /// Hostname ownership settings.
+    pub fn domain_settings(&self) -> &crate::domains::DomainSettings {
+        &self.domains
     }
 
     pub fn db(&self) -> &Db {
@@ -85,6 +102,38 @@ impl AppState {
     /// The internal CA, loaded (or generated and stored) on first use.
     pub async fn certificate_authority(&self) -> Result<&certs::CertificateAuthority, certs::CaError> {
         self.agents.ca.get(&self.db).await
+    }
+
+    /// Stops the ACME orders where they stand (they resume at the next start), if ACME runs.
+    pub fn stop_acme(&self) {
+        if let Some(issuer) = self.agents.acme.get() {
+            issuer.stop();
+        }
+    }
+
+    /// Makes the ACME CA of `settings` issue devices' certificates from now on (`--issuer
+    /// acme`): restores or creates the account and resumes the orders a previous run left in
+    /// flight. Call before serving sessions.
+    pub async fn start_acme(
+        &self,
+        settings: certs::acme::AcmeSettings,
+    ) -> Result<Arc<certs::acme::AcmeIssuer>, certs::acme::AcmeError> {
+        let links = certs::acme::IssuerLinks {
+            db: self.db.clone(),
+            board: Arc::clone(&self.edges.board),
+            agent_hub: Arc::clone(&self.agents.hub),
+            edge_hub: Arc::clone(&self.edges.hub),
+            outbox: Arc::clone(&self.agents.outbox),
+        };
+        let issuer = certs::acme::AcmeIssuer::start(settings, links).await?;
+        if self.agents.acme.set(Arc::clone(&issuer)).is_err() {
+            tracing::warn!("an ACME issuer was already running; the new one only resumes orders");
+        }
+        let resumed = issuer.resume().await?;
+        if resumed > 0 {
+            tracing::info!(orders = resumed, "resumed ACME orders of a previous run");
+        }
+        Ok(issuer)
     }
 }
 

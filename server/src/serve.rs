@@ -21,6 +21,8 @@ pub enum ServeError {
     Bootstrap(#[from] BootstrapError),
     #[error(transparent)]
     CertificateAuthority(#[from] crate::certs::CaError),
+    #[error(transparent)]
+    Acme(#[from] crate::certs::acme::AcmeError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: SocketAddr,
@@ -50,9 +52,15 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     if stale > 0 {
         tracing::info!(devices_and_edges = stale, "marked devices and edges of a previous run offline");
     }
-    let state = AppState::with_session_config(db, config.session_config());
+    let state =
+        AppState::with_session_config(db, config.session_config()).with_domain_settings(config.domain_settings());
     // The first start on a database generates the internal CA; later starts load it.
     state.certificate_authority().await?;
+    if config.issuer == crate::config::Issuer::Acme {
+        let settings = crate::certs::acme::AcmeSettings::from_config(config)?;
+        tracing::info!(directory = %settings.directory_url, "certificates come from the ACME CA");
+        state.start_acme(settings).await?;
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Listen { address: config.listen, source })?;
@@ -64,6 +72,7 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     tracing::info!(%url, "listening");
 
     let (stop, stopped) = watch::channel(false);
+    let acme_state = state.clone();
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         let mut stopped = stopped;
         // An error means the sender is gone, which only happens once we are stopping anyway.
@@ -75,6 +84,7 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
         () = shutdown => {}
     }
     tracing::info!(deadline = ?config.drain_deadline(), "shutting down; draining open requests");
+    acme_state.stop_acme();
     let _ = stop.send(true);
     match tokio::time::timeout(config.drain_deadline(), &mut server).await {
         Ok(joined) => finished(joined),

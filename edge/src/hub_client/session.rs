@@ -2,10 +2,13 @@
 //! without sockets.
 //!
 //! Order: send `edge_hello`; wait for `edge_welcome` (answering pings meanwhile); then for
-//! each `edge_config`: plan it ([`super::plan`]), set the tunnel's peers, replace the route
-//! table, and `ack` its revision. Pings get a `pong`. A frame that cannot be read gets an
-//! `error` frame and the session goes on; a configuration that cannot be planned gets an
-//! `error` frame, is not acknowledged, and the edge keeps what it runs. A tunnel that cannot
+//! each `edge_config`: plan it ([`super::plan`]), replace the ACME HTTP-01 challenges the
+//! HTTP port answers, set the tunnel's peers, replace the route table, and `ack` its revision
+//! (the server tells the CA a challenge is ready only once the edges acknowledged it). Pings
+//! get a `pong`. A frame that cannot be read gets an `error` frame and the session goes on; a
+//! configuration that cannot be planned, or whose challenges are invalid (a wildcard, a
+//! malformed token), gets an `error` frame, is not acknowledged, and the edge keeps what it
+//! runs. A tunnel that cannot
 //! take the peers ends the session: the reconnect brings the whole configuration again.
 
 use std::fmt;
@@ -21,6 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::plan::plan;
 use super::{HelloParams, HubConfig, HubStats, PeerSet};
+use crate::acme_http::ChallengeStore;
 use crate::route_source::SharedRoutes;
 
 /// How a session ended.
@@ -70,6 +74,8 @@ pub struct SessionContext<'a> {
     pub hello: &'a HelloParams,
     pub peers: &'a dyn PeerSet,
     pub routes: &'a SharedRoutes,
+    /// The challenges the HTTP port answers.
+    pub challenges: &'a ChallengeStore,
     pub stats: &'a HubStats,
 }
 
@@ -196,7 +202,7 @@ where
                 Ok(Received::Message(message)) => message,
             };
             let sent = match message {
-                EdgeServerMessage::EdgeConfig { revision, peers, routes } => {
+                EdgeServerMessage::EdgeConfig { revision, peers, routes, challenges } => {
                     if applied.is_some_and(|applied| revision < applied) {
                         tracing::warn!(%revision, "ignoring an edge configuration older than the one applied");
                         continue;
@@ -215,6 +221,18 @@ where
                             continue;
                         }
                     };
+                    // The whole set or nothing: a refused set keeps the previous one and the
+                    // configuration is not acknowledged, like one that cannot be planned.
+                    let challenge_count = challenges.len();
+                    if let Err(error) = self.context.challenges.set_challenges(challenges) {
+                        tracing::error!(%revision, %error, "refusing an edge configuration; keeping the current one");
+                        self.context.stats.count_refused();
+                        let message = format!("edge configuration {revision} refused: {error}");
+                        if let Err(end) = self.send(&EdgeMessage::Error { code: ErrorCode::Malformed, message }).await {
+                            return end;
+                        }
+                        continue;
+                    }
                     // Peers first, so that no route ever points at a device the tunnel does not
                     // know yet.
                     if let Err(error) = self.context.peers.apply(&planned) {
@@ -225,6 +243,7 @@ where
                         %revision,
                         peers = planned.peers.len(),
                         route_changes = changes.len(),
+                        challenges = challenge_count,
                         "applied the edge configuration"
                     );
                     *applied = Some(revision);
@@ -332,7 +351,7 @@ mod tests {
     use std::sync::Mutex;
 
     use edgible::model::{DeviceId, EdgeId};
-    use edgible::protocol::v1::{DevicePeer, EdgeRoute};
+    use edgible::protocol::v1::{AcmeChallenge, DevicePeer, EdgeRoute};
     use edgible::tunnel::PrivateKey;
     use futures::channel::mpsc;
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -363,6 +382,7 @@ mod tests {
         hello: HelloParams,
         peers: RecordedPeers,
         routes: SharedRoutes,
+        challenges: ChallengeStore,
         stats: HubStats,
     }
 
@@ -381,6 +401,7 @@ mod tests {
                 },
                 peers: RecordedPeers::default(),
                 routes: SharedRoutes::default(),
+                challenges: ChallengeStore::new(),
                 stats: HubStats::default(),
             }
         }
@@ -405,6 +426,7 @@ mod tests {
                 hello: &self.hello,
                 peers: &self.peers,
                 routes: &self.routes,
+                challenges: &self.challenges,
                 stats: &self.stats,
             };
             let outcome = run(&context, applied, tx, rx, &mut shutdown).await;
@@ -453,7 +475,7 @@ mod tests {
                 online: *online,
             })
             .collect();
-        frame(&EdgeServerMessage::EdgeConfig { revision, peers: peers.to_vec(), routes })
+        frame(&EdgeServerMessage::EdgeConfig { revision, peers: peers.to_vec(), routes, challenges: Vec::new() })
     }
 
     fn close(code: u16) -> Message {
@@ -601,6 +623,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn challenges_are_served_as_pushed_and_an_invalid_set_is_refused_whole() {
+        let harness = Harness::new();
+        let one = device(2);
+        let challenge = |hostname: &str, token: &str| AcmeChallenge {
+            hostname: hostname.parse().unwrap(),
+            token: token.to_owned(),
+            key_authorization: format!("{token}.thumbprint"),
+        };
+        let with_challenges = |revision, challenges: Vec<AcmeChallenge>| {
+            frame(&EdgeServerMessage::EdgeConfig { revision, peers: vec![one.clone()], routes: Vec::new(), challenges })
+        };
+        let frames = vec![
+            harness.welcome(),
+            with_challenges(3, vec![challenge("a.example.test", "tok-1")]),
+            // A wildcard cannot be validated over HTTP-01: the whole set is refused.
+            with_challenges(4, vec![challenge("b.example.test", "tok-2"), challenge("*.example.test", "tok-3")]),
+            close(1000),
+        ];
+        let mut applied = None;
+        let (_, sent, _) = harness.run(&mut applied, frames, false).await;
+        assert_eq!(sent[1], EdgeMessage::Ack { revision: 3 });
+        let EdgeMessage::Error { code: ErrorCode::Malformed, message } = &sent[2] else { panic!("{sent:?}") };
+        assert!(message.contains("edge configuration 4 refused") && message.contains("wildcard"), "{message}");
+        assert_eq!(sent.len(), 3, "revision 4 is not acknowledged: {sent:?}");
+        assert_eq!(applied, Some(3));
+        assert_eq!(
+            harness.challenges.key_authorization("a.example.test", "tok-1").as_deref(),
+            Some("tok-1.thumbprint")
+        );
+        assert_eq!(harness.challenges.key_authorization("b.example.test", "tok-2"), None);
+        assert_eq!(harness.peers.plans.lock().unwrap().len(), 1, "the refused configuration changed no peers");
+
+        // An empty set clears them.
+        let frames = vec![harness.welcome(), with_challenges(5, Vec::new()), close(1000)];
+        let (_, sent, _) = harness.run(&mut applied, frames, false).await;
+        assert_eq!(sent[1], EdgeMessage::Ack { revision: 5 });
+        assert!(harness.challenges.is_empty());
+    }
+
+    #[tokio::test]
     async fn silence_times_out() {
         let mut harness = Harness::new();
         harness.config.welcome_timeout = Duration::from_millis(50);
@@ -633,6 +695,7 @@ mod tests {
             hello: &harness.hello,
             peers: &harness.peers,
             routes: &harness.routes,
+            challenges: &harness.challenges,
             stats: &harness.stats,
         };
         let mut applied = None;

@@ -1,5 +1,5 @@
 //! The `edgible` command line: log in to a server, manage organizations, API keys, device
-//! pools, devices, edges, applications and placements, deploy stack files, read what devices
+//! pools, devices, edges, domains, applications and placements, deploy stack files, read what devices
 //! report (status, logs, events), and fetch the internal CA certificate (`edgible ca`).
 //!
 //! Each object kind has its own module with its clap arguments and handlers; [`plan`] is the
@@ -15,6 +15,8 @@ mod applications;
 mod config;
 #[path = "edgible/devices.rs"]
 mod devices;
+#[path = "edgible/domains.rs"]
+mod domains;
 #[path = "edgible/edges.rs"]
 mod edges;
 #[path = "edgible/keys.rs"]
@@ -81,6 +83,9 @@ enum Command {
     /// Edges: the public entry points of pools, routing HTTPS by name to devices.
     #[command(subcommand)]
     Edge(edges::EdgeCommand),
+    /// Domains the organization proves it owns (DNS TXT record), for application hostnames.
+    #[command(subcommand)]
+    Domain(domains::DomainCommand),
     /// Print the server's internal CA certificate (PEM), which signs the certificates devices
     /// serve; trust it to verify them (e.g. `curl --cacert`).
     Ca,
@@ -149,6 +154,7 @@ async fn run(command: Command, context: &Context) -> anyhow::Result<()> {
         Command::Pool(command) => pools::run(command, context).await,
         Command::Device(command) => devices::run(command, context).await,
         Command::Edge(command) => edges::run(command, context).await,
+        Command::Domain(command) => domains::run(command, context).await,
         Command::Ca => edges::ca(context).await,
         Command::App(command) => applications::run(command, context).await,
         Command::Placement(command) => placements::run(command, context).await,
@@ -221,6 +227,13 @@ mod tests {
             Cli::try_parse_from(["edgible", "edge", "create", "gw", "--pool", "home", "--endpoint", "203.0.113.1"])
                 .expect_err("no port");
         assert!(error.to_string().contains("host:port"), "{error}");
+    }
+
+    #[test]
+    fn domains_are_plain_hostnames() {
+        assert!(Cli::try_parse_from(["edgible", "domain", "create", "example.com"]).is_ok());
+        assert!(Cli::try_parse_from(["edgible", "domain", "create", "Not A Domain"]).is_err());
+        assert!(Cli::try_parse_from(["edgible", "domain", "verify", "example.com"]).is_ok());
     }
 
     #[test]

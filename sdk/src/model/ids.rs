@@ -57,3 +57,4 @@ id_type!(ApplicationId, "application");
 id_type!(PlacementId, "placement");
 id_type!(EdgeId, "edge");
 id_type!(EventId, "event");
+id_type!(DomainId, "domain");

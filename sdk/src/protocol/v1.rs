@@ -15,8 +15,11 @@
 //!
 //! Edges speak their own session on `/v1/edge/connect`: [`EdgeMessage`] up, [`EdgeServerMessage`]
 //! down. The edge sends `edge_hello`; the server answers `edge_welcome` and a full `edge_config`
-//! (its peers and routes), sends a new full `edge_config` whenever it changes, and pings; the
-//! edge acknowledges each configuration it applied with `ack`.
+//! (its peers, routes and ACME HTTP-01 challenges), sends a new full `edge_config` whenever it
+//! changes, and pings; the edge acknowledges each configuration it applied with `ack`. Under an
+//! ACME issuer the server tells the CA a challenge is ready only once the edges acknowledged a
+//! configuration carrying it, and answers a `certificate_request` with `certificate` only
+//! once the CA issued (nothing in between; the agent asks again after a while if need be).
 
 use std::net::Ipv4Addr;
 
@@ -184,6 +187,10 @@ pub enum EdgeServerMessage {
         /// One per enrolled device of the pool; allowed IPs are exactly the device's /32.
         peers: Vec<DevicePeer>,
         routes: Vec<EdgeRoute>,
+        /// The ACME HTTP-01 challenges the edge answers on its port 80, all of them (an empty
+        /// list clears them). Added after v1 shipped: older servers send none.
+        #[serde(default)]
+        challenges: Vec<AcmeChallenge>,
     },
     Ping {
         nonce: u64,
@@ -214,6 +221,18 @@ pub struct EdgeRoute {
     /// Whether the device's agent is connected. Connections to an offline device are refused
     /// at the edge with a TLS alert instead of waiting for a timeout.
     pub online: bool,
+}
+
+/// One ACME HTTP-01 challenge an edge answers: the CA fetches
+/// `http://{hostname}/.well-known/acme-challenge/{token}` and expects `key_authorization`
+/// (`TOKEN.THUMBPRINT`, RFC 8555 section 8.1) as the body. Public by design: it proves control
+/// of the name to the CA and holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AcmeChallenge {
+    /// An exact hostname; HTTP-01 cannot validate wildcards.
+    pub hostname: Hostname,
+    pub token: String,
+    pub key_authorization: String,
 }
 
 /// Why an `error` frame was sent, for programs; the message is for people.

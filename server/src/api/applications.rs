@@ -1,4 +1,5 @@
-//! `/v1/applications`: applications; their hostnames are unique across the whole server.
+//! `/v1/applications`: applications; their hostnames are unique across the whole server, and
+//! when ownership is enforced, each must be the organization's to use (`crate::domains`).
 
 use axum::Json;
 use axum::extract::State;
@@ -33,7 +34,7 @@ pub async fn create(
     JsonBody(spec): JsonBody<ApplicationSpec>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
-    let created = state.db.create_application(caller.organization_id, &spec).await?;
+    let created = state.db.create_owned_application(caller.organization_id, &spec, &state.domains.policy).await?;
     Ok(tagged(StatusCode::CREATED, created.revision, created))
 }
 
@@ -67,7 +68,7 @@ pub async fn update(
     caller.require(Scope::Write)?;
     let object = state
         .db
-        .update_application(caller.organization_id, id, expected, &spec)
+        .update_owned_application(caller.organization_id, id, expected, &spec, &state.domains.policy)
         .await
         .map_err(|e| ApiError::from_store(e, KIND, &id))?;
     Ok(tagged(StatusCode::OK, object.revision, object))

@@ -372,7 +372,13 @@ impl Db {
             message: None,
             revision: None,
             reported_at: None,
+            certificate_expires_at: None,
+            certificate_status: None,
         };
+        if let Some(certificate) = self.certificate_summary(id).await? {
+            status.certificate_expires_at = certificate.expires_at;
+            status.certificate_status = Some(certificate.status);
+        }
         if let Some(row) = row.filter(|row| Some(DeviceId(row.device_id)) == device_id) {
             status.phase = enum_from_text("application phase", &row.phase)?;
             status.message = row.message;

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::entities::{application, application_hostname, application_status, event, placement};
 use super::scoped::Scoped;
 use super::{Db, PageRequest, StoreError, Write, check_revision, parse_json, revision, to_json};
+use crate::domains::HostnamePolicy;
 
 /// How applications are read within an organization.
 const APPLICATIONS: Scoped<application::Entity> = Scoped {
@@ -142,15 +143,28 @@ impl Db {
         APPLICATIONS.page(&self.conn, organization_id.0, request, to_model).await
     }
 
+    /// Creates an application without checking hostname ownership (uniqueness only).
     pub async fn create_application(
         &self,
         organization_id: OrganizationId,
         spec: &ApplicationSpec,
     ) -> Result<Application, StoreError> {
+        self.create_owned_application(organization_id, spec, &HostnamePolicy::default()).await
+    }
+
+    /// Creates an application whose hostnames the organization may use under `policy`
+    /// (see `crate::domains`).
+    pub async fn create_owned_application(
+        &self,
+        organization_id: OrganizationId,
+        spec: &ApplicationSpec,
+        policy: &HostnamePolicy,
+    ) -> Result<Application, StoreError> {
         let write = self.begin_write().await?;
         let result = async {
             let id = ApplicationId::new();
             check_name(&write, organization_id, spec, None).await?;
+            super::domains::check_ownership(&write.txn, organization_id, id, &spec.hostnames, policy).await?;
             check_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
             let spec = complete(spec.clone(), None);
             let row = application::ActiveModel {
@@ -171,12 +185,26 @@ impl Db {
         write.finish(result).await
     }
 
+    /// Updates an application without checking hostname ownership (uniqueness only).
     pub async fn update_application(
         &self,
         organization_id: OrganizationId,
         id: ApplicationId,
         expected: Option<Revision>,
         spec: &ApplicationSpec,
+    ) -> Result<Application, StoreError> {
+        self.update_owned_application(organization_id, id, expected, spec, &HostnamePolicy::default()).await
+    }
+
+    /// Updates an application; hostnames it adds must be the organization's to use under
+    /// `policy` (see `crate::domains`).
+    pub async fn update_owned_application(
+        &self,
+        organization_id: OrganizationId,
+        id: ApplicationId,
+        expected: Option<Revision>,
+        spec: &ApplicationSpec,
+        policy: &HostnamePolicy,
     ) -> Result<Application, StoreError> {
         let write = self.begin_write().await?;
         let result = async {
@@ -188,6 +216,7 @@ impl Db {
                 return Ok(current);
             }
             check_name(&write, organization_id, &spec, Some(id.0)).await?;
+            super::domains::check_ownership(&write.txn, organization_id, id, &spec.hostnames, policy).await?;
             check_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
             let mut active: application::ActiveModel = row.into();
             active.name = Set(spec.name.to_string());

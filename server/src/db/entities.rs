@@ -359,3 +359,103 @@ pub mod certificate_authority {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// A domain an organization claims. `verified_name` repeats `name` once the domain is
+/// verified and is NULL before: its unique index is the safety net that no two organizations
+/// ever hold the same verified domain (NULLs never collide).
+pub mod domain {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "domains")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub organization_id: Uuid,
+        pub name: String,
+        /// The value the TXT record `_edgible-challenge.<name>` must hold.
+        pub token: String,
+        pub verified_name: Option<String>,
+        pub verified_at: Option<ChronoDateTimeUtc>,
+        pub revision: i64,
+        pub created_at: ChronoDateTimeUtc,
+        pub updated_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The ACME account of one directory; its credentials (account URL and private key) sealed
+/// with the server key (`certs::sealed`).
+pub mod acme_account {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "acme_accounts")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub directory_url: String,
+        pub credentials_sealed: String,
+        pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// An ACME order for one application's hostnames. `hostnames` is a JSON array; `state` is
+/// `certs::orders::OrderState`'s text.
+pub mod acme_order {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "acme_orders")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub organization_id: Uuid,
+        pub application_id: Uuid,
+        pub device_id: Uuid,
+        pub directory_url: String,
+        pub hostnames: String,
+        pub order_url: Option<String>,
+        pub state: String,
+        pub csr_pem: String,
+        pub error: Option<String>,
+        pub created_at: ChronoDateTimeUtc,
+        pub updated_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The status of an application's current certificate, as the server last issued (or failed
+/// to issue) it.
+pub mod application_certificate {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "application_certificates")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub application_id: Uuid,
+        pub organization_id: Uuid,
+        pub status: String,
+        pub message: Option<String>,
+        pub not_after: Option<ChronoDateTimeUtc>,
+        pub updated_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

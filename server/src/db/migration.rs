@@ -11,7 +11,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial), Box::new(Agents), Box::new(DataPath)]
+        vec![Box::new(Initial), Box::new(Agents), Box::new(DataPath), Box::new(Domains), Box::new(AcmeCertificates)]
     }
 }
 
@@ -362,6 +362,104 @@ impl MigrationTrait for DataPath {
                     .col(text("certificate_pem"))
                     .col(text("key_pem"))
                     .col(ColumnDef::new(name("created_at")).timestamp_with_time_zone().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Domains organizations claim and verify (see `crate::domains`).
+struct Domains;
+
+impl MigrationName for Domains {
+    fn name(&self) -> &str {
+        "m0004_domains"
+    }
+}
+
+// See `Initial` for why the lifetime is elided.
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for Domains {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(owned_table(
+                "domains",
+                vec![
+                    text("name"),
+                    text("token"),
+                    optional_text("verified_name"),
+                    ColumnDef::new(name("verified_at")).timestamp_with_time_zone().null().to_owned(),
+                ],
+                vec![],
+            ))
+            .await?;
+        manager.create_index(unique_index("ux_domains_name", "domains", &["organization_id", "name"])).await?;
+        // At most one organization holds a verified domain; pending rows (NULL) never collide.
+        manager.create_index(unique_index("ux_domains_verified_name", "domains", &["verified_name"])).await?;
+        Ok(())
+    }
+}
+
+/// ACME: the account (credentials sealed with the server key), orders (persisted so that a
+/// restart resumes them instead of ordering again), and each application's certificate status.
+/// No foreign keys to applications: these rows are the certificate manager's bookkeeping, read
+/// only together with a live application, and must not stand in the way of deleting one.
+struct AcmeCertificates;
+
+impl MigrationName for AcmeCertificates {
+    fn name(&self) -> &str {
+        "m0005_acme_certificates"
+    }
+}
+
+// See `Initial` for why the lifetime is elided.
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for AcmeCertificates {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("acme_accounts"))
+                    .col(ColumnDef::new(name("directory_url")).text().not_null().primary_key())
+                    .col(text("credentials_sealed"))
+                    .col(ColumnDef::new(name("created_at")).timestamp_with_time_zone().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("acme_orders"))
+                    .col(ColumnDef::new(name("id")).uuid().not_null().primary_key())
+                    .col(ColumnDef::new(name("organization_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("application_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("device_id")).uuid().not_null())
+                    .col(text("directory_url"))
+                    .col(text("hostnames"))
+                    .col(optional_text("order_url"))
+                    .col(text("state"))
+                    .col(text("csr_pem"))
+                    .col(optional_text("error"))
+                    .col(ColumnDef::new(name("created_at")).timestamp_with_time_zone().not_null())
+                    .col(ColumnDef::new(name("updated_at")).timestamp_with_time_zone().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager.create_index(index("ix_acme_orders_application", "acme_orders", &["application_id"])).await?;
+        manager.create_index(index("ix_acme_orders_state", "acme_orders", &["state"])).await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("application_certificates"))
+                    .col(ColumnDef::new(name("application_id")).uuid().not_null().primary_key())
+                    .col(ColumnDef::new(name("organization_id")).uuid().not_null())
+                    .col(text("status"))
+                    .col(optional_text("message"))
+                    .col(ColumnDef::new(name("not_after")).timestamp_with_time_zone().null())
+                    .col(ColumnDef::new(name("updated_at")).timestamp_with_time_zone().not_null())
                     .to_owned(),
             )
             .await?;

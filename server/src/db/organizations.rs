@@ -150,6 +150,10 @@ impl Db {
             write.touch_edges(&edges.into_iter().map(edgible::model::EdgeId).collect::<Vec<_>>());
             edge::Entity::delete_many().filter(edge::Column::OrganizationId.eq(id.0)).exec(txn).await?;
             device_pool::Entity::delete_many().filter(device_pool::Column::OrganizationId.eq(id.0)).exec(txn).await?;
+            super::entities::domain::Entity::delete_many()
+                .filter(super::entities::domain::Column::OrganizationId.eq(id.0))
+                .exec(txn)
+                .await?;
             api_key::Entity::delete_many().filter(api_key::Column::OrganizationId.eq(id.0)).exec(txn).await?;
             member::Entity::delete_many().filter(member::Column::OrganizationId.eq(id.0)).exec(txn).await?;
             organization::Entity::delete_by_id(id.0).exec(txn).await?;

@@ -1,8 +1,10 @@
 //! One agent's session: `hello`, then `welcome` and a full snapshot, then the pool's `edges`,
 //! then deltas (and a new `edges` when that set changed) when woken, pings, whatever the agent
-//! reports (acks, status, events, logs), and certificates signed by the internal CA for the
-//! applications placed on the device (`certificate_request` → `certificate`, or an `error`
-//! naming the application and the reason).
+//! reports (acks, status, events, logs), and certificates for the applications placed on the
+//! device (`certificate_request` → `certificate`, or an `error` naming the application and the
+//! reason): signed at once by the internal CA, or, under `--issuer acme`, ordered from the ACME
+//! CA (`certs::acme`) and sent later through the device's [`Outbox`], which the session empties
+//! whenever it is woken and when it starts.
 //!
 //! The session is generic over a sink and a stream of [`Frame`]s, so tests drive it through
 //! channels. Every frame the agent sends is decoded with the bounded `protocol::decode`;
@@ -11,9 +13,9 @@
 //! `error` from the agent is logged and counted, never answered, so that errors cannot bounce
 //! between the two.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Display;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use edgible::model::{ApplicationId, ApplicationPhase, Device, DeviceId, LogEntry, LogStream};
@@ -26,7 +28,9 @@ use uuid::Uuid;
 use super::heartbeat::{Beat, Heartbeat};
 use super::transport::Frame;
 use super::{Hub, Registration};
-use crate::certs::SharedCa;
+use crate::certs::acme::{AcmeIssuer, RequestError};
+use crate::certs::orders::Begin;
+use crate::certs::{SharedCa, check_request};
 use crate::db::{Db, StatusReport};
 use crate::desired::Offered;
 use crate::logs::LogStore;
@@ -74,8 +78,45 @@ pub struct Agents {
     pub logs: Arc<LogStore>,
     pub metrics: Arc<Metrics>,
     pub config: SessionConfig,
-    /// The internal CA that answers `certificate_request`s.
+    /// The internal CA that answers `certificate_request`s under `--issuer internal`.
     pub ca: Arc<SharedCa>,
+    /// The ACME certificate manager under `--issuer acme`; set once at startup, before any
+    /// session runs.
+    pub acme: Arc<OnceLock<Arc<AcmeIssuer>>>,
+    /// Messages for devices' sessions from elsewhere in the server (issued certificates).
+    pub outbox: Arc<Outbox>,
+}
+
+/// Messages waiting for a device's session, which sends them when woken (and when it starts,
+/// for a device that reconnected meanwhile). Bounded per device: the oldest go first.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queued: Mutex<HashMap<DeviceId, VecDeque<ServerMessage>>>,
+}
+
+/// How many messages wait for one device at most.
+const OUTBOX_PER_DEVICE: usize = 64;
+
+impl Outbox {
+    fn queued(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, VecDeque<ServerMessage>>> {
+        // Every change is a single push or removal.
+        self.queued.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `message` for `device`'s session; wake the session after.
+    pub fn push(&self, device: DeviceId, message: ServerMessage) {
+        let mut queued = self.queued();
+        let messages = queued.entry(device).or_default();
+        if messages.len() >= OUTBOX_PER_DEVICE {
+            messages.pop_front();
+        }
+        messages.push_back(message);
+    }
+
+    /// Everything queued for `device`, oldest first.
+    pub fn take(&self, device: DeviceId) -> Vec<ServerMessage> {
+        self.queued().remove(&device).map(Vec::from).unwrap_or_default()
+    }
 }
 
 /// Why a session ended.
@@ -262,6 +303,7 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
         .await?;
         self.push_desired(true).await?;
         self.push_edges().await?;
+        self.flush_outbox().await?;
         loop {
             let deadline = self.heartbeat.deadline();
             tokio::select! {
@@ -288,6 +330,7 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                 () = registration.wake.notified() => {
                     self.push_desired(false).await?;
                     self.push_edges().await?;
+                    self.flush_outbox().await?;
                 }
                 () = sleep_until(deadline) => match self.heartbeat.on_deadline(Instant::now()) {
                     Beat::Ping(nonce) => self.send(&ServerMessage::Ping { nonce }).await?,
@@ -334,9 +377,18 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
         Ok(())
     }
 
-    /// Answers a `certificate_request`: a `certificate` signed by the internal CA for an
-    /// application in the device's current desired state, or an `error` naming the
-    /// application and why not. The session goes on either way.
+    /// Sends what the outbox holds for this device.
+    async fn flush_outbox(&mut self) -> Result<(), Ended> {
+        for message in self.agents.outbox.take(self.device.id) {
+            self.send(&message).await?;
+        }
+        Ok(())
+    }
+
+    /// Answers a `certificate_request` for an application in the device's current desired
+    /// state: under the internal CA a signed `certificate` at once; under ACME the request
+    /// starts (or joins) an order whose `certificate` comes later, through the outbox. Anything
+    /// refused is an `error` naming the application and why. The session goes on either way.
     async fn on_certificate_request(&mut self, application_id: ApplicationId, csr_pem: &str) -> Result<(), Ended> {
         let state = match self.agents.db.desired_state(self.device.id).await {
             Ok(Some(state)) => state,
@@ -349,6 +401,10 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
             );
             return self.reject("certificate", ErrorCode::Unexpected, message).await;
         };
+        if let Some(acme) = self.agents.acme.get().cloned() {
+            let application = application.clone();
+            return self.request_from_acme(&acme, &application, csr_pem).await;
+        }
         let ca = match self.agents.ca.get(&self.agents.db).await {
             Ok(ca) => ca,
             Err(error) => {
@@ -363,6 +419,11 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
         match ca.sign(csr_pem, &application.spec.hostnames, chrono::Utc::now()) {
             Ok(signed) => {
                 tracing::info!(application = %application_id, not_after = %signed.not_after, "signed a certificate");
+                let state = crate::db::CertificateState::Valid { not_after: signed.not_after };
+                let organization_id = application.organization_id;
+                if let Err(error) = self.agents.db.record_certificate(organization_id, application_id, &state).await {
+                    tracing::warn!(%error, "cannot record the signed certificate");
+                }
                 self.send(&ServerMessage::Certificate {
                     application_id,
                     chain_pem: signed.chain_pem,
@@ -377,6 +438,45 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                     application.spec.name
                 );
                 self.reject("certificate", ErrorCode::Unexpected, message).await
+            }
+        }
+    }
+
+    /// Hands a checked request to the ACME certificate manager.
+    async fn request_from_acme(
+        &mut self,
+        acme: &Arc<AcmeIssuer>,
+        application: &edgible::model::Application,
+        csr_pem: &str,
+    ) -> Result<(), Ended> {
+        let refused = |reason: &dyn Display| {
+            format!(
+                "certificate_request for application {} ({}) refused: {reason}",
+                application.spec.name, application.id
+            )
+        };
+        if let Err(error) = check_request(csr_pem, &application.spec.hostnames, true) {
+            return self.reject("certificate", ErrorCode::Unexpected, refused(&error)).await;
+        }
+        match acme.request(&self.device, application, csr_pem).await {
+            Ok(Begin::Start) => {
+                tracing::info!(application = %application.id, "ordering a certificate from the ACME CA");
+                Ok(())
+            }
+            Ok(Begin::Join) => {
+                tracing::debug!(application = %application.id, "an ACME order for the application is running");
+                Ok(())
+            }
+            Err(error @ (RequestError::Wildcard { .. } | RequestError::Backoff { .. })) => {
+                self.reject("certificate", ErrorCode::Unexpected, refused(&error)).await
+            }
+            Err(RequestError::Store(error)) => {
+                tracing::error!(%error, "cannot record an ACME order");
+                let message = format!(
+                    "certificate_request for application {} ({}) failed: the server failed; ask again later",
+                    application.spec.name, application.id
+                );
+                self.reject("certificate", ErrorCode::Internal, message).await
             }
         }
     }
@@ -638,6 +738,22 @@ mod tests {
             Some(Frame::Text(text)) => decode(&text).expect("the server sends valid frames"),
             other => panic!("expected a text frame, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_outbox_keeps_each_devices_newest_messages_in_order() {
+        let outbox = Outbox::default();
+        let (device, other) = (DeviceId::new(), DeviceId::new());
+        for nonce in 0..(OUTBOX_PER_DEVICE as u64 + 2) {
+            outbox.push(device, ServerMessage::Ping { nonce });
+        }
+        outbox.push(other, ServerMessage::Ping { nonce: 99 });
+        let taken = outbox.take(device);
+        assert_eq!(taken.len(), OUTBOX_PER_DEVICE);
+        assert_eq!(taken.first(), Some(&ServerMessage::Ping { nonce: 2 }), "the oldest went first");
+        assert_eq!(taken.last(), Some(&ServerMessage::Ping { nonce: OUTBOX_PER_DEVICE as u64 + 1 }));
+        assert!(outbox.take(device).is_empty(), "taken once");
+        assert_eq!(outbox.take(other), [ServerMessage::Ping { nonce: 99 }]);
     }
 
     #[tokio::test]

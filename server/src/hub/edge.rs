@@ -9,11 +9,18 @@
 //! only if it differs from the last one sent, so spurious wake-ups cost one read and nothing
 //! on the wire. Bad frames are answered with an `error` frame and the session goes on; only a
 //! bad `edge_hello` ends it. An `error` from the edge is logged, never answered.
+//!
+//! The configuration also carries the ACME HTTP-01 challenges of the edge's pool
+//! (`certs::challenges::ChallengeBoard`); the ACME orders wake the pool's edges when they
+//! change, and the session reports each ack to the board with the challenge generation the
+//! acknowledged revision carried, which is what lets an order tell the CA to validate only once
+//! the edges serve its challenges.
 
+use std::collections::VecDeque;
 use std::fmt::Display;
 use std::sync::Arc;
 
-use edgible::model::{Edge, EdgeId};
+use edgible::model::{Edge, EdgeId, Revision};
 use edgible::protocol::v1::{EdgeMessage, EdgeServerMessage, ErrorCode};
 use edgible::protocol::{DecodeError, VERSION, close, decode, encode};
 use futures::{Sink, SinkExt, Stream, StreamExt};
@@ -24,6 +31,7 @@ use super::agent::{Ended, SessionConfig};
 use super::heartbeat::{Beat, Heartbeat};
 use super::transport::Frame;
 use super::{Hub, Registration};
+use crate::certs::challenges::ChallengeBoard;
 use crate::db::Db;
 use crate::edge_config::SentConfig;
 
@@ -36,7 +44,12 @@ pub struct Edges {
     pub db: Db,
     pub hub: Arc<Hub<EdgeId>>,
     pub config: SessionConfig,
+    /// The ACME HTTP-01 challenges each pool's edges serve.
+    pub board: Arc<ChallengeBoard>,
 }
+
+/// How many sent revisions a session remembers the challenge generation of, for acks.
+const GENERATIONS_KEPT: usize = 32;
 
 /// Runs the session of `edge` (already authenticated by its credential) until it ends,
 /// keeping the edge's online state.
@@ -52,6 +65,8 @@ where
         edge,
         tx,
         sent: SentConfig::default(),
+        generations: VecDeque::new(),
+        acked: 0,
         session_id: Uuid::now_v7(),
         last_seen_write: Instant::now(),
     };
@@ -65,6 +80,10 @@ struct Session<Tx> {
     tx: Tx,
     /// The configuration last sent.
     sent: SentConfig,
+    /// The challenge generation each recently sent revision carried, oldest first.
+    generations: VecDeque<(Revision, u64)>,
+    /// The newest revision the edge acknowledged in this session.
+    acked: Revision,
     session_id: Uuid,
     heartbeat: Heartbeat,
     last_seen_write: Instant,
@@ -220,10 +239,37 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
             Ok(None) => return Err(self.deleted().await),
             Err(error) => return Err(self.failed(&error).await),
         };
-        if let Some(config) = self.sent.next(&inputs) {
-            self.send(&config).await?;
+        let pool = self.edge.spec.pool_id;
+        let (generation, challenges) = self.edges.board.snapshot(pool);
+        match self.sent.next(&inputs, challenges) {
+            Some(config) => {
+                self.send(&config).await?;
+                if self.generations.len() == GENERATIONS_KEPT {
+                    self.generations.pop_front();
+                }
+                self.generations.push_back((self.sent.revision(), generation));
+            }
+            None => {
+                // The same configuration stands for this generation too (challenges that came
+                // and went before the session woke); if the edge has it, it has this one.
+                if let Some(last) = self.generations.back_mut() {
+                    last.1 = last.1.max(generation);
+                    if last.0 <= self.acked {
+                        self.edges.board.acked(pool, self.edge.id, last.1);
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Tells the challenge board which generation of challenges the edge now serves.
+    fn challenges_acked(&mut self, revision: Revision) {
+        self.acked = self.acked.max(revision);
+        let generation = self.generations.iter().filter(|(sent, _)| *sent <= revision).map(|(_, g)| *g).max();
+        if let Some(generation) = generation {
+            self.edges.board.acked(self.edge.spec.pool_id, self.edge.id, generation);
+        }
     }
 
     async fn on_text(&mut self, text: &str) -> Result<(), Ended> {
@@ -241,6 +287,7 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                         format!("ack of revision {revision}, but the latest revision sent is {}", self.sent.revision());
                     return self.reject(ErrorCode::Unexpected, message).await;
                 }
+                self.challenges_acked(revision);
                 match self.edges.db.record_edge_applied(self.edge.id, revision).await {
                     Ok(true) => tracing::debug!(revision, "applied"),
                     Ok(false) => tracing::debug!(revision, "ignored a stale ack"),
@@ -414,7 +461,8 @@ mod tests {
         };
         assert_eq!(tunnel_address, fixture.edge.status.tunnel_address);
         assert_eq!(tunnel_cidr, "100.96.0.0/24".parse::<ipnet::Ipv4Net>().expect("a network"));
-        let EdgeServerMessage::EdgeConfig { revision: first, peers, routes } = next_message(&mut frames).await else {
+        let EdgeServerMessage::EdgeConfig { revision: first, peers, routes, .. } = next_message(&mut frames).await
+        else {
             panic!("expected the configuration");
         };
         assert_eq!(peers.iter().map(|peer| peer.device_id).collect::<Vec<_>>(), [fixture.device.id]);

@@ -123,7 +123,7 @@ impl TestEdge {
     async fn config(&mut self) -> anyhow::Result<Config> {
         loop {
             match self.recv().await? {
-                EdgeServerMessage::EdgeConfig { revision, peers, routes } => {
+                EdgeServerMessage::EdgeConfig { revision, peers, routes, .. } => {
                     let peers = peers.into_iter().map(|peer| peer.public_key).collect();
                     return Ok(Config { revision, peers, routes });
                 }
@@ -437,6 +437,10 @@ pub async fn certificates_are_signed_for_placed_applications(url: String) -> any
     ensure!((29..=30).contains(&days), "a leaf is valid 30 days, not {days}");
     verify(&ca_pem, &chain_pem, hostname)?;
     ensure!(verify(&ca_pem, &chain_pem, "elsewhere.acme.example.com").is_err());
+    let status = app.get(&format!("/v1/applications/{web}/status"), &org.admin_key).await?.expect(200)?;
+    ensure!(status.str("/certificate_status")? == "valid", "{}", status.text);
+    let expires: chrono::DateTime<chrono::Utc> = status.str("/certificate_expires_at")?.parse()?;
+    ensure!(expires == not_after, "{}", status.text);
 
     // Refusals name the application and the reason; the session goes on.
     let refusals = [

@@ -8,6 +8,8 @@ mod addresses;
 mod agents;
 mod binary;
 mod crud;
+mod dns;
+mod domains;
 mod edges;
 mod isolation;
 mod paging;
@@ -99,4 +101,9 @@ suite! {
     edges::a_bad_edge_hello_is_refused,
     edges::certificates_are_signed_for_placed_applications,
     edges::the_ca_is_kept_across_restarts,
+    domains::enforcement_is_off_without_zones_or_the_flag,
+    domains::platform_zones_are_first_come_first_served,
+    domains::domains_are_verified_with_a_real_dns_query,
+    domains::a_second_organization_never_takes_over_a_verified_domain,
+    domains::domain_requests_are_validated,
 }

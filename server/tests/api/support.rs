@@ -53,6 +53,17 @@ impl TestApp {
         Ok(TestApp { router: router(AppState::new(db)), platform_key: created.admin_key.secret })
     }
 
+    /// The server with hostname ownership configured by `settings` (`crate::domains`).
+    pub async fn with_domain_settings(
+        url: &str,
+        settings: edgible_server::domains::DomainSettings,
+    ) -> anyhow::Result<TestApp> {
+        let db = Db::connect(url).await.context("connecting to the test database")?;
+        let created = edgible_server::bootstrap::bootstrap(&db, &"platform".parse()?).await?;
+        let state = AppState::new(db).with_domain_settings(settings);
+        Ok(TestApp { router: router(state), platform_key: created.admin_key.secret })
+    }
+
     /// The server with agent sessions timed by `config`, also served over HTTP on an
     /// ephemeral loopback port (for WebSockets and streamed answers); requests through
     /// [`TestApp::send`] and through the socket reach the same state.

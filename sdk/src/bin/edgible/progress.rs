@@ -197,6 +197,8 @@ mod tests {
             message: message.map(str::to_owned),
             revision,
             reported_at: None,
+            certificate_expires_at: None,
+            certificate_status: None,
         }
     }
 

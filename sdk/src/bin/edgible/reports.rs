@@ -211,6 +211,8 @@ mod tests {
             message: None,
             revision,
             reported_at: None,
+            certificate_expires_at: None,
+            certificate_status: None,
         }
     }
 
