@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use edgible::model::{Device, DeviceState};
+use edgible::model::{Application, Device, DeviceState};
 use edgible_acceptance_tests::netns::{
     CLIENT_ADDRESS, DEV1_ADDRESS, DEV2_ADDRESS, EDGE_ADDRESS, SERVER_ADDRESS, Topology, log_tail,
 };
@@ -398,6 +398,16 @@ async fn scenario_https(run: &DataPath) -> anyhow::Result<()> {
         anyhow::ensure!(field(&answer, "x-forwarded-proto") == Some("https"), "X-Forwarded-Proto:\n{answer}");
         anyhow::ensure!(field(&answer, "x-forwarded-host") == Some(hostname), "X-Forwarded-Host:\n{answer}");
     }
+    let client = run.server.client()?;
+    let application = client.find_by_name::<Application>("app-a").await?.context("app-a exists")?;
+    let status = client.application_status(&application.id).await?;
+    anyhow::ensure!(
+        status.certificate_status.as_deref() == Some("valid")
+            && status
+                .certificate_expires_at
+                .is_some_and(|at| std::time::SystemTime::from(at) > std::time::SystemTime::now()),
+        "the application's status shows its certificate: {status:?}"
+    );
     Ok(())
 }
 

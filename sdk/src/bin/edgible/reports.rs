@@ -57,6 +57,8 @@ pub async fn app_status(client: &Client, reference: &str, context: &Context) -> 
                 .field("device", device.unwrap_or_else(|| "- (not placed on a device)".to_owned()))
                 .field("revision", revision_summary(&status))
                 .field("reported", optional(status.reported_at.map(|at| at.to_rfc3339())))
+                .field("certificate", optional(status.certificate_status.as_ref()))
+                .field("certificate expires", optional(status.certificate_expires_at.map(|at| at.to_rfc3339())))
                 .print();
         }
     }
