@@ -71,9 +71,20 @@ pub fn edge_config(devices: &[Device], placed: &[(DeviceId, Application)]) -> Ed
 pub struct SentConfig {
     /// The last configuration sent and its revision; `None` before the first.
     last: Option<(Revision, EdgeConfig)>,
+    /// The revision the edge said it applied in its `edge_hello`: the first configuration of a
+    /// session never goes out below it. Revisions of configurations that only changed ACME
+    /// challenges run ahead of the database's counter (they are counted in memory), so after a
+    /// reconnect or a server restart the database alone could offer the edge a revision it
+    /// would ignore as older than the one it applied.
+    floor: Revision,
 }
 
 impl SentConfig {
+    /// The configurations of a session with an edge that applied `applied` before.
+    pub fn after(applied: Option<Revision>) -> Self {
+        Self { last: None, floor: applied.unwrap_or(0) }
+    }
+
     /// The `edge_config` frame to send for `inputs` and the pool's `challenges`, or `None` if
     /// its configuration is the one sent last. Revisions only grow: a configuration read at a
     /// revision not above the last one sent (reads and wake-ups may race) goes out as the last
@@ -84,7 +95,7 @@ impl SentConfig {
         let revision = match &self.last {
             Some((_, last)) if *last == config => return None,
             Some((last_revision, _)) => inputs.revision.max(last_revision + 1),
-            None => inputs.revision,
+            None => inputs.revision.max(self.floor),
         };
         self.last = Some((revision, config.clone()));
         Some(EdgeServerMessage::EdgeConfig {
@@ -236,5 +247,23 @@ mod tests {
             panic!("taking the challenge down changes the configuration");
         };
         assert_eq!((revision, challenges.len()), (5, 0));
+    }
+
+    #[test]
+    fn a_new_session_never_offers_a_revision_below_what_the_edge_applied() {
+        let host = device(2, Some("k2"), DeviceState::Online);
+        let inputs = EdgeInputs { revision: 12, devices: vec![host], placed: Vec::new() };
+        // Challenge-only changes took the edge to 18 while the database counter is at 12
+        // (for instance across a server restart): the edge would ignore 12 as older.
+        let mut sent = SentConfig::after(Some(18));
+        let Some(EdgeServerMessage::EdgeConfig { revision, .. }) = sent.next(&inputs, Vec::new()) else {
+            panic!("the first configuration is always sent");
+        };
+        assert_eq!(revision, 18);
+        // An edge that applied less, or nothing, gets the database's revision as before.
+        let mut sent = SentConfig::after(Some(3));
+        assert!(matches!(sent.next(&inputs, Vec::new()), Some(EdgeServerMessage::EdgeConfig { revision: 12, .. })));
+        let mut sent = SentConfig::after(None);
+        assert!(matches!(sent.next(&inputs, Vec::new()), Some(EdgeServerMessage::EdgeConfig { revision: 12, .. })));
     }
 }

@@ -165,6 +165,7 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
             return Err(self.refuse(ErrorCode::Unexpected, message, close::POLICY_VIOLATION).await);
         }
         tracing::info!(%edge_version, ?applied_revision, "edge said hello");
+        self.sent = SentConfig::after(applied_revision);
         Ok(())
     }
 
