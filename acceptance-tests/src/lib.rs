@@ -6,9 +6,11 @@
 //! calls [`heavy_tier`] first and returns early, printing why, when it is not set.
 
 pub mod agent;
+pub mod bench;
 pub mod cli;
 pub mod docker;
 pub mod netns;
+pub mod pebble;
 pub mod platform;
 pub mod server;
 pub mod terraform;

@@ -37,6 +37,8 @@ pub const DEV1_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 21);
 pub const DEV2_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 22);
 /// The client's underlay address (what `X-Forwarded-For` must show).
 pub const CLIENT_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
+/// The ACME CA's (Pebble's) underlay address.
+pub const ACME_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
 /// The root namespace's address on the bridge.
 pub const ROOT_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 254);
 
@@ -239,6 +241,25 @@ impl Namespace {
         for pid in self.pids() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
+    }
+
+    /// Loads an nftables script (`nft -f -`) in the namespace, e.g. a table a test adds to cut
+    /// a path and deletes (`delete table ...`) to restore it.
+    pub fn nft_script(&self, script: &str) -> Result<()> {
+        let mut command = self.exec("nft");
+        command.args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let text = describe(&command);
+        let mut child = command.spawn().map_err(|source| NetnsError::Spawn { command: text.clone(), source })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .map_err(|source| NetnsError::Io { what: "writing the nftables script".into(), source })?;
+        }
+        let output = child.wait_with_output().map_err(|source| NetnsError::Spawn { command: text.clone(), source })?;
+        if !output.status.success() {
+            return Err(NetnsError::Failed { command: text, status: output.status, output: output_text(&output) });
+        }
+        Ok(())
     }
 
     /// Loads the device firewall: every new connection from the underlay is dropped; only

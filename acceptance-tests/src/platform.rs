@@ -38,22 +38,60 @@ pub struct NsServer {
     pub dir: PathBuf,
 }
 
+/// How [`NsServer::start_with`] runs the server beyond what [`NsServer::start`] does.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// The port to listen on; 0 (the default) for an ephemeral one. A fixed port (free in the
+    /// server's own namespace) lets a restarted server keep the URL that edges and agents
+    /// enrolled with.
+    pub port: u16,
+    /// More `serve` flags, e.g. the issuer's (`--issuer acme --acme-directory URL ...`).
+    pub extra_args: Vec<String>,
+}
+
 impl NsServer {
     /// Starts a server with a fresh SQLite database in `dir`, bootstrapped with organization
     /// `acme`, and waits until it listens.
     pub fn start(namespace: &Namespace, address: Ipv4Addr, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(namespace, address, dir, &ServerOptions::default())
+    }
+
+    /// Starts a server like [`NsServer::start`], with `options`. On a `dir` a server used
+    /// before, it is a restart: the same database (bootstrap only happens on an empty one),
+    /// its log appended to.
+    pub fn start_with(
+        namespace: &Namespace,
+        address: Ipv4Addr,
+        dir: &Path,
+        options: &ServerOptions,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let ready_file = dir.join("server.ready");
+        // A restart must not take the previous run's address for its own.
+        match std::fs::remove_file(&ready_file) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::Error::new(error).context(format!("removing {}", ready_file.display())));
+            }
+            _ => {}
+        }
         let key_file = dir.join("admin.key");
         let database = format!("sqlite://{}?mode=rwc", dir.join("edgible.db").display());
         let mut command = namespace.nsenter(&bin_path("edgible-server")?);
         command
-            .args(["serve", "--database", &database, "--listen", &format!("{address}:0"), "--ready-file"])
+            .args([
+                "serve",
+                "--database",
+                &database,
+                "--listen",
+                &format!("{address}:{}", options.port),
+                "--ready-file",
+            ])
             .arg(&ready_file)
             .args(["--bootstrap", "acme", "--bootstrap-key-file"])
             .arg(&key_file)
             // Short pings: a session whose device moved or died is noticed within seconds.
             .args(["--agent-ping-seconds", "5", "--agent-pong-timeout-seconds", "5"])
+            .args(&options.extra_args)
             .env("RUST_LOG", "info,edgible_server=debug");
         let mut process = namespace.spawn("edgible-server", command, &dir.join("server.log"))?;
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -750,7 +750,7 @@ async fn every_example_validates_and_the_resource_examples_apply() -> anyhow::Re
         }
         // The examples of single resources apply and re-plan empty (the quickstart has its own
         // test, the others need existing objects).
-        for name in ["device_pool", "device", "application", "placement", "api_key", "edge"] {
+        for name in ["device_pool", "device", "application", "placement", "api_key", "edge", "domain"] {
             let terraform = org.terraform(name)?;
             terraform.apply().await.with_context(|| format!("example {name}"))?;
             terraform.expect_no_changes().await.with_context(|| format!("example {name}"))?;
