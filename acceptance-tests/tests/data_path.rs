@@ -408,6 +408,19 @@ async fn scenario_https(run: &DataPath) -> anyhow::Result<()> {
                 .is_some_and(|at| std::time::SystemTime::from(at) > std::time::SystemTime::now()),
         "the application's status shows its certificate: {status:?}"
     );
+    // Terraform shows the same after a refresh.
+    let refresh = run.terraform.run(&["apply", "-refresh-only", "-auto-approve", "-no-color"]);
+    tokio::time::timeout(APPLY, refresh).await.context("terraform refresh took over 300 s")??.expect_success()?;
+    let shown = run.terraform.run(&["state", "show", "-no-color", "edgible_application.a"]).await?.expect_success()?;
+    anyhow::ensure!(
+        shown
+            .stdout
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .any(|(name, value)| { name.trim() == "certificate_status" && value.trim() == r#""valid""# }),
+        "terraform state shows the certificate:\n{}",
+        shown.stdout
+    );
     Ok(())
 }
 

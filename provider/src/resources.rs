@@ -84,6 +84,16 @@ pub trait Model: Send + Sync + 'static {
 
     /// The object a creation answered, and the write-once values only that answer carries.
     fn created(created: <Self::Object as Resource>::Created) -> (Self::Object, Vec<(&'static str, Value)>);
+
+    /// Computed values that live beside the object rather than in it (an application's
+    /// certificate, from its status), read on every refresh. They only change on a refresh:
+    /// an apply keeps what the plan knew, so they never make an apply inconsistent.
+    fn observed(
+        _client: &Client,
+        _object: &Self::Object,
+    ) -> impl std::future::Future<Output = Result<Vec<(&'static str, Value)>, ClientError>> + Send {
+        async { Ok(Vec::new()) }
+    }
 }
 
 /// The default state JSON: `spec` flattened, `id` and `revision` beside it.
@@ -209,7 +219,14 @@ where
     async fn read(&self, client: &Client, id: &str) -> Result<Option<Value>, Diagnostics> {
         let id = Self::parse_id(id)?;
         match client.get::<M::Object>(&id).await {
-            Ok(object) => Self::state(&object).map(Some),
+            Ok(object) => {
+                let mut state = Self::state(&object)?;
+                let observed = M::observed(client, &object).await.map_err(|error| Self::failed("read", &error))?;
+                for (name, value) in observed {
+                    state.set(name, value);
+                }
+                Ok(Some(state))
+            }
             Err(error) if error.is_not_found() => Ok(None),
             Err(error) => Err(Self::failed("read", &error)),
         }

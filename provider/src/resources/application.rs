@@ -2,7 +2,10 @@
 
 use std::sync::LazyLock;
 
-use edgible::model::{AbsolutePath, Application, ApplicationSpec, EnvName, Hostname, HttpPath, Name};
+use edgible::model::{
+    AbsolutePath, Application, ApplicationSpec, ApplicationStatus, EnvName, Hostname, HttpPath, Name,
+};
+use edgible::{Client, ClientError};
 
 use super::{Model, id_attribute, revision_attribute};
 use crate::diagnostics::{AttributePath, Diagnostic, Diagnostics};
@@ -48,6 +51,18 @@ static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
                 )
                 .check(Check::OneOf(&["http", "tcp"])),
             )
+            .attribute(Attribute::computed(
+                "certificate_status",
+                Type::String,
+                "The application's certificate as last refreshed: `valid`, `pending` (an ACME order is running) or \
+                 `failed: <reason>` (the device keeps serving the previous one); null until its device asked for one.",
+            ))
+            .attribute(Attribute::computed(
+                "certificate_expires_at",
+                Type::String,
+                "When the certificate the server last issued expires (RFC 3339), as last refreshed; null until one \
+                 was issued.",
+            ))
             .block(NestedBlock::required("workload", workload_block()))
             .block(NestedBlock::single("health_check", health_check_block()))
             .block(NestedBlock::single("access", access_block()).empty_is_absent())
@@ -268,6 +283,20 @@ impl Model for ApplicationModel {
     fn created(created: Application) -> (Application, Vec<(&'static str, Value)>) {
         (created, Vec::new())
     }
+
+    async fn observed(client: &Client, application: &Application) -> Result<Vec<(&'static str, Value)>, ClientError> {
+        let status = client.application_status(&application.id).await?;
+        Ok(certificate_values(&status))
+    }
+}
+
+/// The certificate attributes of an application's status.
+fn certificate_values(status: &ApplicationStatus) -> Vec<(&'static str, Value)> {
+    let expires = status
+        .certificate_expires_at
+        .map_or(Value::Null, |at| Value::string(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
+    let state = status.certificate_status.clone().map_or(Value::Null, Value::string);
+    vec![("certificate_expires_at", expires), ("certificate_status", state)]
 }
 
 #[cfg(test)]
@@ -376,6 +405,39 @@ mod tests {
         assert_eq!(state.get("health_check").get("interval_seconds"), &Value::int(10));
         assert_eq!(state.get("storage"), &Value::List(vec![]));
         assert_eq!(Managed::<ApplicationModel>::spec(&state).unwrap(), object.spec);
+    }
+
+    #[test]
+    fn the_certificate_attributes_come_from_the_status() {
+        let mut status = ApplicationStatus {
+            application_id: edgible::model::ApplicationId::new(),
+            application_revision: 3,
+            device_id: None,
+            phase: edgible::model::ApplicationPhase::Running,
+            message: None,
+            revision: Some(3),
+            reported_at: None,
+            certificate_expires_at: None,
+            certificate_status: None,
+        };
+        assert_eq!(
+            certificate_values(&status),
+            vec![("certificate_expires_at", Value::Null), ("certificate_status", Value::Null)]
+        );
+        status.certificate_expires_at = Some("2030-01-02T03:04:05Z".parse().unwrap());
+        status.certificate_status = Some("valid".into());
+        assert_eq!(
+            certificate_values(&status),
+            vec![
+                ("certificate_expires_at", Value::string("2030-01-02T03:04:05Z")),
+                ("certificate_status", Value::string("valid"))
+            ]
+        );
+        for (name, _) in certificate_values(&status) {
+            assert!(
+                SCHEMA.block.attributes.iter().any(|attribute| attribute.name == name && attribute.is_computed_only())
+            );
+        }
     }
 
     #[test]
