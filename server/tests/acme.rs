@@ -7,7 +7,10 @@
 //! server. The server runs in-process from its `serve` command line; a simulated agent sends a
 //! CSR and must get a chain that verifies against Pebble's root (`/roots/0` on its management
 //! port). Then: a wildcard is refused, the status shows the certificate, the server's database
-//! holds no private key, and a restart reuses the account.
+//! holds no private key, and a restart reuses the account. Also: 100 applications on four
+//! devices all get certificates while the orders at the CA (the `acme_orders` rows created
+//! there and not yet ended, polled during the run) never exceed `--acme-max-concurrent-orders`;
+//! and a hostname change re-issues once, for exactly the new names.
 //!
 //! Heavy tier: runs only with `EDGIBLE_ACC=1` (it needs the `pebble` binaries).
 
@@ -28,6 +31,7 @@ use edgible_edge::acme_http::{self, ChallengeStore};
 use edgible_edge::hub_client::plan::EdgePlan;
 use edgible_edge::hub_client::{self, HelloParams, HubConfig, HubConnector, HubStats, PeerSet, PeerSetError};
 use edgible_edge::route_source::SharedRoutes;
+use edgible_server::certs::orders::OrderState;
 use futures::{SinkExt as _, StreamExt as _};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 use rustls::client::danger::ServerCertVerifier as _;
@@ -174,11 +178,16 @@ struct Server {
 
 impl Server {
     async fn start(dir: &Path, pebble: &Pebble) -> anyhow::Result<Self> {
+        Self::start_with(dir, pebble, &[]).await
+    }
+
+    /// Starts the server with `extra` flags after the usual ones.
+    async fn start_with(dir: &Path, pebble: &Pebble, extra: &[&str]) -> anyhow::Result<Self> {
         use clap::Parser as _;
         let ready = dir.join("ready");
         let _ = std::fs::remove_file(&ready);
         let database = format!("sqlite://{}?mode=rwc", dir.join("edgible.db").display());
-        let args = [
+        let mut args = vec![
             "edgible-server".to_owned(),
             "serve".into(),
             "--database".into(),
@@ -202,6 +211,7 @@ impl Server {
             "--server-key-file".into(),
             dir.join("server.key").display().to_string(),
         ];
+        args.extend(extra.iter().map(|flag| (*flag).to_owned()));
         let config = edgible_server::config::Config::try_parse_from(args)?;
         let edgible_server::config::Command::Serve(serve) = config.command else { bail!("not serve") };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -262,6 +272,10 @@ impl Api {
 
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn put(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::PUT, path, Some(body)).await
     }
 }
 
@@ -335,6 +349,7 @@ impl Agent {
 /// two applications placed on the device (`web` with two names, `wild` with a wildcard).
 struct Fleet {
     api: Api,
+    pool: String,
     edge_credential: String,
     edge_hello: HelloParams,
     device_id: DeviceId,
@@ -375,12 +390,31 @@ impl Fleet {
         }
         Ok(Self {
             api,
+            pool,
             edge_credential: text(&edge, "/credential")?,
             edge_hello,
             device_id,
             device_credential: text(&device, "/credential")?,
             placed,
         })
+    }
+
+    /// Enrolls another device in the pool; answers its id and credential.
+    async fn add_device(&self, name: &str, seed: u8) -> anyhow::Result<(DeviceId, String)> {
+        let device = self.api.post("/v1/devices", json!({"name": name, "pool_id": self.pool})).await?;
+        let token = text(&device, "/enrollment_token")?;
+        let enroll = json!({"token": token, "public_key": public_key(seed)});
+        let device = self.api.post("/v1/agent/enroll", enroll).await?;
+        Ok((text(&device, "/device/id")?.parse()?, text(&device, "/credential")?))
+    }
+
+    /// Creates an application serving `hostnames` and places it on `device_id`.
+    async fn place(&self, name: &str, hostnames: &[String], device_id: DeviceId) -> anyhow::Result<ApplicationId> {
+        let id: ApplicationId =
+            text(&self.api.post("/v1/applications", app_spec(name, hostnames)).await?, "/id")?.parse()?;
+        let placement = json!({"strategy": "serving-device", "application_id": id, "device_id": device_id});
+        self.api.post("/v1/placements", placement).await?;
+        Ok(id)
     }
 
     /// Runs the edge's hub session, feeding `challenges`, until the sender is told to stop.
@@ -415,6 +449,33 @@ fn csr(names: &[&str]) -> anyhow::Result<(KeyPair, String)> {
     let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
     let csr = CertificateParams::new(names)?.serialize_request(&key)?.pem()?;
     Ok((key, csr))
+}
+
+/// An application's spec, as the tests create it.
+fn app_spec(name: &str, hostnames: &[String]) -> Value {
+    json!({"name": name, "hostnames": hostnames, "workload": {"process": {"command": "/bin/web"}}, "port": 8080})
+}
+
+/// The DNS names of the leaf (first) certificate of a PEM chain, sorted.
+fn leaf_dns_names(chain_pem: &str) -> anyhow::Result<Vec<String>> {
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).next().context("no certificate")??;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())?;
+    let mut names: Vec<String> = parsed
+        .subject_alternative_name()?
+        .map(|extension| {
+            extension
+                .value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    x509_parser::extensions::GeneralName::DNSName(name) => Some((*name).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    Ok(names)
 }
 
 fn verify(chain_pem: &str, root_pem: &str, hostname: &str) -> anyhow::Result<()> {
@@ -614,6 +675,229 @@ async fn an_order_interrupted_by_a_restart_resumes_without_a_second_order() -> a
         ensure!(orders[0].order_url.as_deref() == Some(order_url.as_str()), "the same order at the CA: {orders:?}");
         ensure!(orders[0].state == edgible_server::certs::orders::OrderState::Valid, "{orders:?}");
         ensure!(pebble.accounts_created()? == 1, "one ACME account across the restart");
+        stop_edge.send(true)?;
+        let _ = tokio::time::timeout(WAIT, edge_task).await;
+        anyhow::Ok(())
+    }
+    .await;
+    server.stop().await?;
+    http_task.abort();
+    result.map_err(|error| {
+        anyhow::anyhow!("{error:#}\nPebble's log:\n{}", std::fs::read_to_string(&pebble.log).unwrap_or_default())
+    })
+}
+
+/// How many applications the concurrency test places, over how many devices, and the
+/// server's limit on orders at the CA at once.
+const APPLICATIONS: usize = 100;
+const DEVICES: usize = 4;
+const MAX_ORDERS: usize = 4;
+
+/// A simulated agent's certificates for `expected` (application and its one hostname), each
+/// verified against `root`; any refusal or unexpected certificate fails.
+async fn collect_certificates(
+    agent: &mut Agent,
+    expected: &[(ApplicationId, String)],
+    root: &str,
+) -> anyhow::Result<()> {
+    let mut missing: std::collections::HashMap<ApplicationId, &str> =
+        expected.iter().map(|(id, hostname)| (*id, hostname.as_str())).collect();
+    while !missing.is_empty() {
+        match agent.next_interesting().await? {
+            ServerMessage::Certificate { application_id, chain_pem, hostnames, .. } => {
+                let hostname = missing
+                    .remove(&application_id)
+                    .with_context(|| format!("unexpected or twice: {application_id}"))?;
+                ensure!(hostnames.len() == 1 && hostnames[0].as_str() == hostname, "{hostnames:?} for {hostname}");
+                ensure!(leaf_dns_names(&chain_pem)? == [hostname], "the leaf names exactly {hostname}");
+                verify(&chain_pem, root, hostname).with_context(|| format!("the chain of {hostname}"))?;
+            }
+            ServerMessage::Error { message, .. } => bail!("refused: {message}"),
+            other => bail!("unexpected: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_applications_get_certificates_with_orders_at_the_ca_bounded() -> anyhow::Result<()> {
+    if !heavy_tier("a_hundred_applications_get_certificates_with_orders_at_the_ca_bounded") {
+        return Ok(());
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::Builder::new().prefix("edgible-acme-many-").tempdir()?;
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http_port = http.local_addr()?.port();
+    let challenges = ChallengeStore::new();
+    let metrics = edgible_edge::metrics::Metrics::new();
+    let http_task = tokio::spawn(axum::serve(http, acme_http::router(challenges.clone(), metrics)).into_future());
+    let pebble = Pebble::start(dir.path(), http_port)?;
+    pebble.wait_ready().await?;
+    let limit = MAX_ORDERS.to_string();
+    let server = Server::start_with(dir.path(), &pebble, &["--acme-max-concurrent-orders", &limit]).await?;
+
+    let result = async {
+        let fleet = Fleet::create(dir.path(), &server).await?;
+        let (stop_edge, edge_task) = fleet.spawn_edge(&server.base, &challenges)?;
+        let mut devices = Vec::new();
+        for index in 0..DEVICES {
+            let seed = 20 + u8::try_from(index)?;
+            let (device_id, credential) = fleet.add_device(&format!("node-{index}"), seed).await?;
+            devices.push((device_id, credential, seed, Vec::new()));
+        }
+        for index in 0..APPLICATIONS {
+            let hostname = format!("app-{index}.shop.test");
+            let device = &mut devices[index % DEVICES];
+            let id = fleet.place(&format!("app-{index}"), std::slice::from_ref(&hostname), device.0).await?;
+            device.3.push((id, hostname));
+        }
+        let root = pebble.root_pem().await?;
+        let mut agents = Vec::new();
+        for (device_id, credential, seed, _) in &devices {
+            agents.push(Agent::connect(&server.base, *device_id, credential, &public_key(*seed)).await?);
+        }
+
+        // Watch the orders the database shows at the CA (created there, not yet ended) while
+        // they run: never more than the limit.
+        let database = format!("sqlite://{}?mode=rwc", dir.path().join("edgible.db").display());
+        let db = edgible_server::db::Db::connect(&database).await?;
+        let directory = pebble.directory_url();
+        let (stop_watch, mut watch_stopped) = watch::channel(false);
+        let watcher = tokio::spawn(async move {
+            let (mut most, mut polls) = (0usize, 0usize);
+            loop {
+                let orders = db.acme_orders_in_flight(&directory).await?;
+                let at_ca = orders.iter().filter(|order| order.state != OrderState::New).count();
+                most = most.max(at_ca);
+                polls += 1;
+                if *watch_stopped.borrow() {
+                    return anyhow::Ok((most, polls, db));
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(5), watch_stopped.changed()).await;
+            }
+        });
+
+        // Every agent asks for all its applications at once.
+        let started = std::time::Instant::now();
+        for (agent, (_, _, _, placed)) in agents.iter_mut().zip(&devices) {
+            for (id, hostname) in placed {
+                let (_key, request) = csr(&[hostname.as_str()])?;
+                agent.request(*id, request).await?;
+            }
+        }
+        let collected = futures::future::try_join_all(
+            agents.iter_mut().zip(&devices).map(|(agent, device)| collect_certificates(agent, &device.3, &root)),
+        );
+        let collected = tokio::time::timeout(Duration::from_secs(300), collected).await;
+        let elapsed = started.elapsed();
+        stop_watch.send(true)?;
+        let (most, polls, db) = tokio::time::timeout(WAIT, watcher).await???;
+        collected.context("the certificates did not all come in 300 s")??;
+        eprintln!(
+            "{APPLICATIONS} certificates in {elapsed:?} with at most {most} of {MAX_ORDERS} orders at the CA \
+             ({polls} polls)"
+        );
+        ensure!(most <= MAX_ORDERS, "{most} orders were at the CA at once; the limit is {MAX_ORDERS}");
+        ensure!(most >= 2, "orders ran one at a time ({most} at most): the limit was not exercised");
+
+        // One order per application, each issued.
+        for (_, _, _, placed) in &devices {
+            for (id, hostname) in placed {
+                let orders = db.acme_orders_of(*id).await?;
+                ensure!(orders.len() == 1 && orders[0].state == OrderState::Valid, "{hostname}: {orders:?}");
+            }
+        }
+        stop_edge.send(true)?;
+        let _ = tokio::time::timeout(WAIT, edge_task).await;
+        anyhow::Ok(())
+    }
+    .await;
+    server.stop().await?;
+    http_task.abort();
+    result.map_err(|error| {
+        anyhow::anyhow!("{error:#}\nPebble's log:\n{}", std::fs::read_to_string(&pebble.log).unwrap_or_default())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostname_change_reissues_once_for_exactly_the_new_names() -> anyhow::Result<()> {
+    if !heavy_tier("a_hostname_change_reissues_once_for_exactly_the_new_names") {
+        return Ok(());
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::Builder::new().prefix("edgible-acme-rename-").tempdir()?;
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http_port = http.local_addr()?.port();
+    let challenges = ChallengeStore::new();
+    let metrics = edgible_edge::metrics::Metrics::new();
+    let http_task = tokio::spawn(axum::serve(http, acme_http::router(challenges.clone(), metrics)).into_future());
+    let pebble = Pebble::start(dir.path(), http_port)?;
+    pebble.wait_ready().await?;
+    let server = Server::start(dir.path(), &pebble).await?;
+
+    let result = async {
+        let fleet = Fleet::create(dir.path(), &server).await?;
+        let (stop_edge, edge_task) = fleet.spawn_edge(&server.base, &challenges)?;
+        let mut agent = Agent::connect(&server.base, fleet.device_id, &fleet.device_credential, &public_key(7)).await?;
+        let root = pebble.root_pem().await?;
+        let database = format!("sqlite://{}?mode=rwc", dir.path().join("edgible.db").display());
+        let db = edgible_server::db::Db::connect(&database).await?;
+
+        // The certificate for the first names.
+        let (web, old) = fleet.placed[0].clone();
+        let (_key, request) = csr(&old)?;
+        agent.request(web, request).await?;
+        let ServerMessage::Certificate { chain_pem, .. } = agent.next_interesting().await? else {
+            bail!("expected the first certificate");
+        };
+        ensure!(leaf_dns_names(&chain_pem)? == old, "the first chain names {old:?}");
+
+        // The hostnames change: www goes, shop comes, web stays.
+        let new = ["shop.shop.test", "web.shop.test"];
+        let new_names: Vec<String> = new.iter().map(|name| (*name).to_owned()).collect();
+        fleet.api.put(&format!("/v1/applications/{web}"), app_spec("web", &new_names)).await?;
+
+        // A request still for the old names (an agent that has not applied the change) is
+        // refused and orders nothing.
+        let (_key, stale) = csr(&old)?;
+        agent.request(web, stale).await?;
+        let ServerMessage::Error { message, .. } = agent.next_interesting().await? else {
+            bail!("expected the stale request to be refused");
+        };
+        ensure!(message.contains("www.shop.test, which is not one of the application's hostnames"), "{message}");
+
+        // The agent's CSR for the new names, asked three times while its order runs: one order,
+        // one certificate, for exactly the new names.
+        let (_key, request) = csr(&new)?;
+        for _ in 0..3 {
+            agent.request(web, request.clone()).await?;
+        }
+        let ServerMessage::Certificate { application_id, chain_pem, hostnames, not_after } =
+            agent.next_interesting().await?
+        else {
+            bail!("expected the certificate for the new names");
+        };
+        ensure!(application_id == web);
+        ensure!(hostnames.iter().map(|name| name.as_str()).collect::<Vec<_>>() == new, "{hostnames:?}");
+        ensure!(leaf_dns_names(&chain_pem)? == new, "the new chain names exactly {new:?}");
+        for hostname in new {
+            verify(&chain_pem, &root, hostname)?;
+        }
+        ensure!(verify(&chain_pem, &root, "www.shop.test").is_err(), "the dropped name is not certified");
+        let more = tokio::time::timeout(Duration::from_secs(2), agent.next_interesting()).await;
+        ensure!(more.is_err(), "nothing more after the one certificate: {more:?}");
+
+        let orders = db.acme_orders_of(web).await?;
+        ensure!(orders.len() == 2, "one order before the change and one after: {orders:?}");
+        let names = |order: &edgible_server::db::StoredOrder| -> Vec<String> {
+            order.hostnames.iter().map(|name| name.as_str().to_owned()).collect()
+        };
+        ensure!(names(&orders[0]) == old && names(&orders[1]) == new, "{orders:?}");
+        ensure!(orders.iter().all(|order| order.state == OrderState::Valid), "{orders:?}");
+        let status = fleet.api.get(&format!("/v1/applications/{web}/status")).await?;
+        ensure!(status["certificate_status"] == "valid", "{status}");
+        let expires: chrono::DateTime<chrono::Utc> = serde_json::from_value(status["certificate_expires_at"].clone())?;
+        ensure!(expires == not_after, "the status shows the new certificate: {status}");
         stop_edge.send(true)?;
         let _ = tokio::time::timeout(WAIT, edge_task).await;
         anyhow::Ok(())

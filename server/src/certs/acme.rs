@@ -66,7 +66,10 @@ pub struct AcmeTiming {
     pub validation_timeout: Duration,
     /// How long the CA may take to issue once finalized.
     pub issuance_timeout: Duration,
-    /// The first delay between polls; it doubles up to the timeouts above.
+    /// The first delay between polls; it doubles up to the timeouts above. Short, because a
+    /// CA usually validates and issues within tens of milliseconds and every poll interval is
+    /// waited in full before the device gets its certificate; the doubling keeps a slow CA's
+    /// polls few (seven in the first six seconds), and the CA's `Retry-After` wins when given.
     pub poll_delay: Duration,
 }
 
@@ -77,7 +80,7 @@ impl Default for AcmeTiming {
             no_edge_timeout: Duration::from_secs(10),
             validation_timeout: Duration::from_secs(120),
             issuance_timeout: Duration::from_secs(120),
-            poll_delay: Duration::from_millis(250),
+            poll_delay: Duration::from_millis(50),
         }
     }
 }
@@ -415,11 +418,13 @@ impl AcmeIssuer {
     /// Runs one order to its end and records the outcome.
     async fn run(self: Arc<Self>, order: StoredOrder, key: OrderKey) {
         let mut stop = self.stop.subscribe();
-        let result = tokio::select! {
+        // The permit is held until the outcome is recorded: an order counts against
+        // `--acme-max-concurrent-orders` for as long as the database shows it in flight.
+        let (result, _permit) = tokio::select! {
             result = async {
                 // The semaphore is never closed.
-                let _permit = Arc::clone(&self.permits).acquire_owned().await;
-                self.drive(&order).await
+                let permit = Arc::clone(&self.permits).acquire_owned().await;
+                (self.drive(&order).await, permit)
             } => result,
             () = async {
                 // The guard the wait answers with must not live on: the task moves threads.
@@ -483,7 +488,11 @@ impl AcmeIssuer {
         }
     }
 
-    /// Hands the chain to the device's current session, if it has one.
+    /// Hands the chain to the device: to its current session at once, or, when it is not
+    /// connected (an order resumed after a restart often completes before the agent is back),
+    /// to the session it opens next, which sends the outbox right after the welcome. Without
+    /// that, the agent's next request would cost a second order for a certificate already
+    /// issued.
     fn deliver(&self, order: &StoredOrder, issued: Issued) {
         let message = ServerMessage::Certificate {
             application_id: order.application_id,
@@ -491,11 +500,11 @@ impl AcmeIssuer {
             hostnames: order.hostnames.clone(),
             not_after: issued.not_after,
         };
+        self.links.outbox.push(order.device_id, message);
         if self.links.agent_hub.contains(&order.device_id) {
-            self.links.outbox.push(order.device_id, message);
             self.links.agent_hub.wake(&[order.device_id]);
         } else {
-            tracing::info!(device = %order.device_id, "the device is offline; its agent will ask again");
+            tracing::info!(device = %order.device_id, "the device is offline; the certificate waits for its next session");
         }
     }
 
