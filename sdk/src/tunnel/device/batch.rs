@@ -61,7 +61,6 @@ impl PacketBatch {
         self.count = 0;
     }
 
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.count
     }
@@ -84,6 +83,13 @@ impl PacketBatch {
         }
         let start = self.count * SLOT_LEN;
         Some(&mut self.data[start..start + SLOT_LEN])
+    }
+
+    /// Every free slot of the batch, in order, without growing it: a read that fills several
+    /// slots with one system call then [`commit`](Self::commit)s them in the same order.
+    pub(crate) fn free_slots(&mut self) -> impl Iterator<Item = &mut [u8]> {
+        let start = self.count * SLOT_LEN;
+        self.data[start..].chunks_exact_mut(SLOT_LEN)
     }
 
     /// Keeps the first `len` bytes of the free slot as the next packet.
@@ -145,6 +151,22 @@ mod tests {
         assert_eq!(batch.len(), 5);
         assert_eq!(batch.get(4).0, &[4, 4, 4]);
         assert_eq!(batch.get(0).0, &[0, 0, 0]);
+    }
+
+    #[test]
+    fn free_slots_are_the_slots_after_the_packets() {
+        let mut batch = PacketBatch::bounded(3);
+        assert!(batch.push(b"one", None));
+        let slots: Vec<usize> = batch.free_slots().map(|slot| slot.len()).collect();
+        assert_eq!(slots, vec![SLOT_LEN, SLOT_LEN]);
+        for (index, slot) in batch.free_slots().enumerate() {
+            slot[0] = index as u8 + 10;
+        }
+        batch.commit(1, None);
+        batch.commit(1, None);
+        assert_eq!(batch.free_slots().count(), 0);
+        let packets: Vec<&[u8]> = batch.iter().map(|(packet, _)| packet).collect();
+        assert_eq!(packets, vec![&b"one"[..], &[10][..], &[11][..]]);
     }
 
     #[test]

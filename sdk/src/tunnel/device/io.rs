@@ -2,21 +2,43 @@
 //! socket, drain a batch to either. Both descriptors are non-blocking; a worker blocks only in
 //! [`Waker::wait`], which also returns when the tunnel shuts down.
 //!
-//! Today each packet is one `read`/`recvfrom`/`sendto`/`write`. Because a stage always works on a
-//! whole [`PacketBatch`], these functions are where `recvmmsg`/`sendmmsg`, UDP GSO/GRO and TUN
-//! offloads (`IFF_VNET_HDR`) go, without changing the processing stage.
+//! The UDP side moves a whole batch per system call: `recvmmsg` fills every free slot of a batch
+//! with the datagrams waiting, and `sendmmsg` sends the datagrams of a batch in order, resuming
+//! after a partial send (the kernel sends a prefix of the messages and returns its length). A run
+//! of datagrams to one peer of one size (a bulk transfer) goes out as one UDP GSO send
+//! (`UDP_SEGMENT`): the kernel walks its stack once for the run and splits it into datagrams as
+//! late as it can. When the kernel refuses GSO for a run (no checksum offload on the route, a
+//! segment larger than the route's MTU), that run goes out with `sendmmsg` instead. The TUN side
+//! is still one `read`/`write` per packet; UDP GRO and TUN offloads (`IFF_VNET_HDR`) would go
+//! here too, without changing the processing stage.
 
-use std::io::{self, ErrorKind};
-use std::net::UdpSocket;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::io::{self, ErrorKind, IoSlice, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, sendmsg};
 use tun_rs::SyncDevice;
 
 use super::batch::{MAX_PACKET_LEN, PacketBatch};
+
+/// The most datagrams one `sendmmsg` call carries; far below the kernel's limit (`UIO_MAXIOV`,
+/// 1024), and the size of the tunnel's input batches, so a batch rarely needs two calls.
+const DATAGRAMS_PER_CALL: usize = 64;
+
+/// The kernel's limit on the segments of one GSO send (`UDP_MAX_SEGMENTS`).
+const MAX_GSO_SEGMENTS: usize = 64;
+
+/// The most payload one GSO send carries: a UDP datagram's limit over IPv6, the smaller one.
+const MAX_GSO_BYTES: usize = 65_527 - 40;
+
+/// Set once the kernel answered a GSO send with `EIO` (a route without checksum offload): from
+/// then on the tunnels of this process send without GSO.
+static GSO_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
 /// Wakes every worker of a tunnel when it shuts down.
 pub(crate) struct Waker {
@@ -114,37 +136,181 @@ pub(crate) fn read_tun(tun: &SyncDevice, batch: &mut PacketBatch) -> io::Result<
 
 /// Fills `batch` with the datagrams waiting on the socket, without blocking.
 pub(crate) fn read_udp(socket: &UdpSocket, batch: &mut PacketBatch) -> io::Result<()> {
-    while let Some(slot) = batch.free_slot() {
-        match socket.recv_from(slot) {
-            Ok((len, source)) => batch.commit(len, Some(source)),
+    let mut received = Vec::with_capacity(DATAGRAMS_PER_CALL);
+    loop {
+        let wanted = batch.free_slots().count();
+        if wanted == 0 {
+            return Ok(());
+        }
+        match receive_datagrams(socket, batch, &mut received) {
+            Ok(()) => {}
             Err(error) if error.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(error) if error.kind() == ErrorKind::Interrupted => {}
-            Err(error) if is_transient(&error) => tracing::debug!(%error, "UDP receive error"),
+            Err(error) if error.kind() == ErrorKind::Interrupted => continue,
+            Err(error) if is_transient(&error) => {
+                tracing::debug!(%error, "UDP receive error");
+                continue;
+            }
             Err(error) => return Err(error),
         }
+        for &(len, source) in &received {
+            batch.commit(len, source);
+        }
+        // With a non-blocking receive the kernel returns fewer datagrams than asked for only
+        // when the socket has no more.
+        if received.len() < wanted {
+            return Ok(());
+        }
     }
+}
+
+/// One `recvmmsg` into the free slots of `batch`; the length and source of each datagram go to
+/// `received`, in order, for the caller to commit.
+fn receive_datagrams(
+    socket: &UdpSocket,
+    batch: &mut PacketBatch,
+    received: &mut Vec<(usize, Option<SocketAddr>)>,
+) -> io::Result<()> {
+    received.clear();
+    let mut slices: Vec<[IoSliceMut<'_>; 1]> = batch.free_slots().map(|slot| [IoSliceMut::new(slot)]).collect();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(slices.len(), None);
+    let messages = recvmmsg(socket.as_raw_fd(), &mut headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
+    // A datagram longer than a slot is truncated to the slot, as `recv_from` did, and then
+    // fails authentication.
+    received.extend(messages.map(|message| (message.bytes, message.address.as_ref().and_then(socket_addr))));
     Ok(())
 }
 
-/// Sends every datagram of `batch` to its address, waiting for room in the socket buffer
-/// rather than dropping when it is full.
+fn socket_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = address.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    address.as_sockaddr_in6().map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+/// Sends every datagram of `batch` to its address, in order, waiting for room in the socket
+/// buffer rather than dropping when it is full.
 pub(crate) fn write_udp(socket: &UdpSocket, batch: &PacketBatch, waker: &Waker) -> io::Result<()> {
-    for (datagram, destination) in batch.iter() {
-        loop {
-            match socket.send_to(datagram, destination) {
-                Ok(_) => break,
-                Err(error) if error.kind() == ErrorKind::WouldBlock => {
-                    if waker.wait(Some(socket.as_fd()), PollFlags::POLLOUT, None)? == Wake::Stopping {
-                        return Ok(());
-                    }
-                }
-                Err(error) if error.kind() == ErrorKind::Interrupted => {}
-                Err(error) if is_transient(&error) => {
-                    tracing::debug!(%error, %destination, "UDP send error");
-                    break;
-                }
-                Err(error) => return Err(error),
+    send_in_order(
+        batch.len(),
+        |range| send_datagrams(socket, batch, range),
+        || waker.wait(Some(socket.as_fd()), PollFlags::POLLOUT, None),
+    )
+}
+
+/// Sends the datagrams of `batch` at the start of `range`: one GSO run if the range starts with
+/// one, otherwise with `sendmmsg` up to the next run. Returns how many datagrams, from the start
+/// of the range, the kernel took.
+fn send_datagrams(socket: &UdpSocket, batch: &PacketBatch, range: Range<usize>) -> io::Result<usize> {
+    if GSO_UNSUPPORTED.load(Ordering::Relaxed) {
+        return send_mmsg(socket, batch, range);
+    }
+    let run = gso_run(batch, range.clone());
+    if run > 1 {
+        match send_gso(socket, batch, range.start..range.start + run) {
+            Ok(()) => return Ok(run),
+            Err(error) if error.kind() == ErrorKind::WouldBlock || error.kind() == ErrorKind::Interrupted => {
+                return Err(error);
             }
+            Err(error) => {
+                if error.raw_os_error() == Some(nix::libc::EIO) {
+                    GSO_UNSUPPORTED.store(true, Ordering::Relaxed);
+                }
+                tracing::debug!(%error, "UDP GSO send refused; sending the datagrams one by one");
+                return send_mmsg(socket, batch, range.start..range.start + run);
+            }
+        }
+    }
+    let singles =
+        (range.start..range.end).position(|index| gso_run(batch, index..range.end) > 1).unwrap_or(range.len()).max(1);
+    send_mmsg(socket, batch, range.start..range.start + singles)
+}
+
+/// How many datagrams from the start of `range` one GSO send can carry: one destination, one
+/// length (the last may be shorter, as the kernel splits a run into segments of the first's
+/// length), within the kernel's limits.
+fn gso_run(batch: &PacketBatch, range: Range<usize>) -> usize {
+    let Some(first) = range.clone().next() else { return 0 };
+    let (datagram, destination) = batch.get(first);
+    let segment = datagram.len();
+    let mut total = segment;
+    let mut run = 1;
+    for index in range.skip(1) {
+        let (next, next_destination) = batch.get(index);
+        if next_destination != destination
+            || next.len() > segment
+            || run == MAX_GSO_SEGMENTS
+            || total + next.len() > MAX_GSO_BYTES
+        {
+            break;
+        }
+        total += next.len();
+        run += 1;
+        if next.len() < segment {
+            break;
+        }
+    }
+    run
+}
+
+/// One `sendmsg` of the run `range` with `UDP_SEGMENT`, gathering the datagrams in place.
+fn send_gso(socket: &UdpSocket, batch: &PacketBatch, range: Range<usize>) -> io::Result<()> {
+    let (first, destination) = batch.get(range.start);
+    let segment = u16::try_from(first.len()).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
+    let slices: Vec<IoSlice<'_>> = range.map(|index| IoSlice::new(batch.get(index).0)).collect();
+    let destination = SockaddrStorage::from(destination);
+    sendmsg(
+        socket.as_raw_fd(),
+        &slices,
+        &[ControlMessage::UdpGsoSegments(&segment)],
+        MsgFlags::MSG_DONTWAIT,
+        Some(&destination),
+    )?;
+    Ok(())
+}
+
+/// One `sendmmsg` of the datagrams of `batch` in `range`; returns how many of them, from the
+/// start of the range, the kernel took.
+fn send_mmsg(socket: &UdpSocket, batch: &PacketBatch, range: Range<usize>) -> io::Result<usize> {
+    let slices: Vec<[IoSlice<'_>; 1]> = range.clone().map(|index| [IoSlice::new(batch.get(index).0)]).collect();
+    let addresses: Vec<Option<SockaddrStorage>> =
+        range.map(|index| Some(SockaddrStorage::from(batch.get(index).1))).collect();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(slices.len(), None);
+    let sent = sendmmsg(socket.as_raw_fd(), &mut headers, slices.iter(), &addresses, [], MsgFlags::MSG_DONTWAIT)?;
+    Ok(sent.count())
+}
+
+/// Sends datagrams `0..count` in order through `send`, which sends a prefix of the range it is
+/// given (at most [`DATAGRAMS_PER_CALL`] long) and returns the prefix's length, or fails for the
+/// first datagram of the range. A partial send resumes after the prefix; a full buffer waits with
+/// `wait_writable`; a transient error drops only the datagram it belongs to.
+fn send_in_order(
+    count: usize,
+    mut send: impl FnMut(Range<usize>) -> io::Result<usize>,
+    mut wait_writable: impl FnMut() -> io::Result<Wake>,
+) -> io::Result<()> {
+    let mut next = 0;
+    while next < count {
+        let end = count.min(next + DATAGRAMS_PER_CALL);
+        match send(next..end) {
+            // The kernel never reports success for nothing; were it to, waiting for room is
+            // safer than spinning.
+            Ok(0) => {
+                if wait_writable()? == Wake::Stopping {
+                    return Ok(());
+                }
+            }
+            Ok(sent) => next += sent.min(end - next),
+            Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                if wait_writable()? == Wake::Stopping {
+                    return Ok(());
+                }
+            }
+            Err(error) if error.kind() == ErrorKind::Interrupted => {}
+            Err(error) if is_transient(&error) => {
+                tracing::debug!(%error, "UDP send error");
+                next += 1;
+            }
+            Err(error) => return Err(error),
         }
     }
     Ok(())
@@ -171,4 +337,200 @@ pub(crate) fn write_tun(tun: &SyncDevice, batch: &PacketBatch, waker: &Waker) ->
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A fake `sendmmsg`: records the datagrams it takes, taking at most `per_call` at a time,
+    /// and answers the calls listed in `script` with an error instead.
+    struct FakeSender {
+        sent: Vec<usize>,
+        ranges: Vec<Range<usize>>,
+        per_call: usize,
+        script: Vec<(usize, ErrorKind)>,
+        calls: usize,
+    }
+
+    impl FakeSender {
+        fn send(&mut self, range: Range<usize>) -> io::Result<usize> {
+            self.calls += 1;
+            self.ranges.push(range.clone());
+            if let Some(&(_, kind)) = self.script.iter().find(|(call, _)| *call == self.calls) {
+                return Err(io::Error::from(kind));
+            }
+            let taken = range.len().min(self.per_call);
+            self.sent.extend(range.start..range.start + taken);
+            Ok(taken)
+        }
+    }
+
+    fn fake(per_call: usize, script: Vec<(usize, ErrorKind)>) -> FakeSender {
+        FakeSender { sent: Vec::new(), ranges: Vec::new(), per_call, script, calls: 0 }
+    }
+
+    #[test]
+    fn a_batch_is_sent_whole_in_order_in_chunks() {
+        let mut sender = fake(usize::MAX, Vec::new());
+        send_in_order(150, |range| sender.send(range), || panic!("no wait expected")).unwrap();
+        assert_eq!(sender.sent, (0..150).collect::<Vec<_>>());
+        assert_eq!(sender.ranges, vec![0..64, 64..128, 128..150]);
+    }
+
+    #[test]
+    fn partial_sends_resume_after_the_sent_prefix() {
+        let mut sender = fake(7, Vec::new());
+        send_in_order(40, |range| sender.send(range), || panic!("no wait expected")).unwrap();
+        assert_eq!(sender.sent, (0..40).collect::<Vec<_>>());
+        assert!(sender.ranges.windows(2).all(|pair| pair[1].start == pair[0].start + 7));
+    }
+
+    #[test]
+    fn a_full_buffer_waits_and_retries_the_same_datagram() {
+        let mut sender = fake(3, vec![(2, ErrorKind::WouldBlock), (3, ErrorKind::Interrupted)]);
+        let mut waits = 0;
+        let result = send_in_order(
+            10,
+            |range| sender.send(range),
+            || {
+                waits += 1;
+                Ok(Wake::Ready)
+            },
+        );
+        result.unwrap();
+        assert_eq!(waits, 1);
+        assert_eq!(sender.sent, (0..10).collect::<Vec<_>>());
+        assert_eq!(sender.ranges[1..4], [3..10, 3..10, 3..10]);
+    }
+
+    #[test]
+    fn a_transient_error_drops_only_its_datagram() {
+        let mut sender = fake(4, vec![(2, ErrorKind::ConnectionRefused)]);
+        send_in_order(10, |range| sender.send(range), || panic!("no wait expected")).unwrap();
+        // The second call started at datagram 4; the error is that datagram's.
+        assert_eq!(sender.sent, vec![0, 1, 2, 3, 5, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn stopping_while_waiting_ends_the_send_and_other_errors_propagate() {
+        let mut sender = fake(1, vec![(1, ErrorKind::WouldBlock)]);
+        send_in_order(5, |range| sender.send(range), || Ok(Wake::Stopping)).unwrap();
+        assert!(sender.sent.is_empty());
+
+        let mut sender = fake(1, vec![(2, ErrorKind::Other)]);
+        let error = send_in_order(5, |range| sender.send(range), || Ok(Wake::Ready)).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Other);
+        assert_eq!(sender.sent, vec![0]);
+    }
+
+    #[test]
+    fn gso_runs_are_one_peer_one_size_with_a_shorter_last() {
+        let peer: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let other: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+        let mut batch = PacketBatch::growable(8);
+        for (len, destination) in
+            [(100, peer), (100, peer), (100, peer), (60, peer), (100, peer), (100, other), (100, other), (120, other)]
+        {
+            assert!(batch.push(&vec![0; len], Some(destination)));
+        }
+        // Equal lengths, then a shorter one ends the run.
+        assert_eq!(gso_run(&batch, 0..8), 4);
+        // A new destination ends a run.
+        assert_eq!(gso_run(&batch, 4..8), 1);
+        // A longer datagram cannot join.
+        assert_eq!(gso_run(&batch, 5..8), 2);
+        assert_eq!(gso_run(&batch, 7..8), 1);
+        assert_eq!(gso_run(&batch, 8..8), 0);
+        // The range bounds the run.
+        assert_eq!(gso_run(&batch, 0..2), 2);
+    }
+
+    #[test]
+    fn gso_runs_stay_within_the_kernel_limits() {
+        let peer: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let mut batch = PacketBatch::growable(8);
+        for _ in 0..100 {
+            assert!(batch.push(&[0; 100], Some(peer)));
+        }
+        assert_eq!(gso_run(&batch, 0..100), MAX_GSO_SEGMENTS);
+        let mut large = PacketBatch::growable(8);
+        for _ in 0..60 {
+            assert!(large.push(&[0; 1452], Some(peer)));
+        }
+        let run = gso_run(&large, 0..60);
+        assert_eq!(run, MAX_GSO_BYTES / 1452);
+        assert!(run * 1452 <= MAX_GSO_BYTES);
+    }
+
+    /// Real sockets on loopback: `sendmmsg` to two receivers, `recvmmsg` into bounded batches;
+    /// every datagram arrives once, whole, in its flow's order, with its source.
+    #[test]
+    fn datagrams_cross_loopback_whole_and_in_order() {
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let receivers = [UdpSocket::bind("127.0.0.1:0").unwrap(), UdpSocket::bind("127.0.0.1:0").unwrap()];
+        for socket in receivers.iter().chain([&sender]) {
+            socket.set_nonblocking(true).unwrap();
+        }
+        let waker = Waker::new().unwrap();
+
+        // 100 datagrams (fewer than the default socket buffer holds): runs of ten to one receiver
+        // of one length with a shorter last (sent with GSO), then alternating between the
+        // receivers with lengths from 1 byte to a full slot (sent with `sendmmsg`).
+        let count = 100usize;
+        let mut batch = PacketBatch::growable(8);
+        for index in 0..count {
+            let len = datagram_len(index);
+            let mut datagram = vec![index as u8; len];
+            datagram[0] = flow_position(index);
+            assert!(batch.push(&datagram, Some(receivers[flow_of(index)].local_addr().unwrap())));
+        }
+        write_udp(&sender, &batch, &waker).unwrap();
+
+        for (flow, receiver) in receivers.iter().enumerate() {
+            let mut got = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut input = PacketBatch::bounded(16);
+            while got.len() < count / 2 && Instant::now() < deadline {
+                input.clear();
+                read_udp(receiver, &mut input).unwrap();
+                assert!(input.len() <= 16);
+                for (datagram, source) in input.iter() {
+                    assert_eq!(source, sender.local_addr().unwrap());
+                    got.push(datagram.to_vec());
+                }
+                if input.is_empty() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            assert_eq!(got.len(), count / 2, "flow {flow}");
+            let indices: Vec<usize> = (0..count).filter(|&index| flow_of(index) == flow).collect();
+            for (position, (datagram, &index)) in got.iter().zip(&indices).enumerate() {
+                assert_eq!(datagram.len(), datagram_len(index));
+                assert_eq!(datagram[0], position as u8, "flow {flow} out of order at {position}");
+                assert!(datagram[1..].iter().all(|&byte| byte == index as u8));
+            }
+        }
+    }
+
+    // The datagrams of the loopback test: the first 40 in runs of ten per receiver, the rest
+    // alternating.
+
+    fn flow_of(index: usize) -> usize {
+        if index < 40 { index / 10 % 2 } else { index % 2 }
+    }
+
+    fn flow_position(index: usize) -> u8 {
+        (0..index).filter(|&earlier| flow_of(earlier) == flow_of(index)).count() as u8
+    }
+
+    fn datagram_len(index: usize) -> usize {
+        if index < 40 {
+            if index % 10 == 9 { 700 } else { 1452 }
+        } else {
+            1 + index * 37 % super::super::batch::SLOT_LEN
+        }
+    }
 }
