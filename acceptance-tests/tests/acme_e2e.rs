@@ -530,7 +530,62 @@ async fn scenario_issuance(run: &AcmeRun) -> anyhow::Result<()> {
     let (status, _) =
         wait_for_status(run, "app-a's certificate_status valid", Duration::from_secs(30), certificate_valid).await?;
     eprintln!("    status: certificate {:?}, expires {:?}", status.certificate_status, status.certificate_expires_at);
+    no_copy_of_the_device_keys(run)?;
     Ok(())
+}
+
+/// The applications' private keys exist only on the device: no file of the server (its
+/// database included) or of the edge holds one, in DER or in PEM.
+fn no_copy_of_the_device_keys(run: &AcmeRun) -> anyhow::Result<()> {
+    let certs = run.agent.home.state_dir().join("certs");
+    let mut keys = Vec::new();
+    for entry in std::fs::read_dir(&certs).with_context(|| format!("reading {}", certs.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|extension| extension == "key") {
+            let pem = std::fs::read_to_string(&path)?;
+            let der = rcgen::KeyPair::from_pem(&pem)?.serialize_der();
+            let body: String = pem.lines().filter(|line| !line.starts_with("-----")).collect();
+            keys.push((path, der, body));
+        }
+    }
+    anyhow::ensure!(!keys.is_empty(), "the device holds no application key in {}", certs.display());
+    let mut checked = 0;
+    for dir in [&run.server.dir, &run.edge.dir] {
+        for file in files_below(dir)? {
+            let bytes = std::fs::read(&file)?;
+            for (key, der, body) in &keys {
+                let holds_der = bytes.windows(der.len()).any(|window| window == der.as_slice());
+                let holds_pem = bytes.windows(body.len()).any(|window| window == body.as_bytes());
+                anyhow::ensure!(
+                    !holds_der && !holds_pem,
+                    "{} holds the device's key {}",
+                    file.display(),
+                    key.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    eprintln!("    no copy of the device's {} key(s) in the server's or edge's {checked} files", keys.len());
+    Ok(())
+}
+
+/// Every regular file below `dir`.
+fn files_below(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                files.push(entry.path());
+            }
+        }
+    }
+    Ok(files)
 }
 
 /// Waits until a new connection gets a certificate other than `old` (a renewal), making a
