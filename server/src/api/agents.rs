@@ -1,6 +1,9 @@
 //! `/v1/agent/*`: what device agents call. Enrollment trades a device's one-time token for
 //! its credential; `connect` upgrades to the WebSocket push session (`hub::agent`).
 
+use std::future::Future;
+use std::pin::Pin;
+
 use axum::Json;
 use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, State};
@@ -8,7 +11,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use edgible::model::{Enrollment, EnrollmentRequest, ErrorBody};
 use edgible::protocol::MAX_FRAME_BYTES;
-use futures::{SinkExt, StreamExt};
+use futures::stream::BoxStream;
+use futures::{Sink, SinkExt, StreamExt};
 
 use super::error::ApiError;
 use super::extract::{ApiQuery, JsonBody, NoParams, bearer_secret};
@@ -20,11 +24,42 @@ use crate::secrets::{NewSecret, sha256_hex};
 /// The largest WebSocket message the transport takes. It is above the protocol's limit, so
 /// that a frame between the two is answered with an error frame (and the session goes on)
 /// rather than a dropped connection.
-pub(super) const TRANSPORT_LIMIT: usize = 2 * MAX_FRAME_BYTES;
+const TRANSPORT_LIMIT: usize = 2 * MAX_FRAME_BYTES;
 /// Socket buffer sizes per session: small, since most frames are small and there may be many
 /// thousands of sessions.
-pub(super) const READ_BUFFER_BYTES: usize = 4 * 1024;
-pub(super) const WRITE_BUFFER_BYTES: usize = 0;
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+const WRITE_BUFFER_BYTES: usize = 0;
+
+/// The frames of an upgraded hub WebSocket, as the sessions of `hub` take them.
+pub(super) type FrameSink = Pin<Box<dyn Sink<Frame, Error = axum::Error> + Send>>;
+pub(super) type FrameStream = BoxStream<'static, Result<Frame, axum::Error>>;
+
+/// Completes a hub WebSocket upgrade (agents' and edges' alike) with the hub's buffer sizes
+/// and message limits, and runs `session` over the socket's frames.
+pub(super) async fn upgrade_to_session<F, Fut>(
+    state: &AppState,
+    parts: &mut axum::http::request::Parts,
+    session: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(FrameSink, FrameStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let upgrade = WebSocketUpgrade::from_request_parts(parts, state)
+        .await
+        .map_err(|rejection| ApiError::bad_request(format!("this endpoint speaks WebSocket: {rejection}")))?;
+    Ok(upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_message_size(TRANSPORT_LIMIT)
+        .max_frame_size(TRANSPORT_LIMIT)
+        .on_upgrade(move |socket| async move {
+            let (sink, stream) = socket.split();
+            let sink = sink.with(|frame: Frame| futures::future::ready(Ok::<_, axum::Error>(Message::from(frame))));
+            let stream = stream.map(|message| message.map(Frame::from));
+            session(Box::pin(sink), stream.boxed()).await;
+        }))
+}
 
 #[utoipa::path(post, path = "/v1/agent/enroll", tag = "agents", request_body = EnrollmentRequest, security(()),
     responses((status = 200, description = "The device and its credential, shown only here", body = Enrollment),
@@ -62,22 +97,11 @@ pub async fn enroll(
 pub async fn connect(State(state): State<AppState>, request: axum::extract::Request) -> Result<Response, ApiError> {
     let (mut parts, _body) = request.into_parts();
     let device = authenticate(&state, &parts.headers).await?;
-    let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
-        .await
-        .map_err(|rejection| ApiError::bad_request(format!("this endpoint speaks WebSocket: {rejection}")))?;
     let agents = state.agents.clone();
-    let response = upgrade
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_message_size(TRANSPORT_LIMIT)
-        .max_frame_size(TRANSPORT_LIMIT)
-        .on_upgrade(move |socket| async move {
-            let (sink, stream) = socket.split();
-            let sink = sink.with(|frame: Frame| futures::future::ready(Ok::<_, axum::Error>(Message::from(frame))));
-            let stream = stream.map(|message| message.map(Frame::from));
-            crate::hub::agent::run(agents, device, Box::pin(sink), stream).await;
-        });
-    Ok(response)
+    upgrade_to_session(&state, &mut parts, move |tx, rx| async move {
+        crate::hub::agent::run(agents, device, tx, rx).await;
+    })
+    .await
 }
 
 /// The device whose credential the request carries.

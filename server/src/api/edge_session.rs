@@ -4,19 +4,16 @@
 //! so that clients can trust the certificates devices serve.
 
 use axum::Json;
-use axum::extract::ws::{Message, WebSocketUpgrade};
-use axum::extract::{FromRequestParts, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use edgible::model::{EdgeEnrollment, EnrollmentRequest, ErrorBody};
-use futures::{SinkExt, StreamExt};
 
-use super::agents::{READ_BUFFER_BYTES, TRANSPORT_LIMIT, WRITE_BUFFER_BYTES};
+use super::agents::upgrade_to_session;
 use super::error::ApiError;
 use super::extract::{ApiQuery, JsonBody, NoParams, bearer_secret};
 use crate::AppState;
 use crate::db::EnrollError;
-use crate::hub::transport::Frame;
 use crate::secrets::{NewSecret, sha256_hex};
 
 #[utoipa::path(post, path = "/v1/edge/enroll", tag = "edges", request_body = EnrollmentRequest, security(()),
@@ -62,22 +59,11 @@ pub async fn enroll(
 pub async fn connect(State(state): State<AppState>, request: axum::extract::Request) -> Result<Response, ApiError> {
     let (mut parts, _body) = request.into_parts();
     let edge = authenticate(&state, &parts.headers).await?;
-    let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
-        .await
-        .map_err(|rejection| ApiError::bad_request(format!("this endpoint speaks WebSocket: {rejection}")))?;
     let edges = state.edges.clone();
-    let response = upgrade
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_message_size(TRANSPORT_LIMIT)
-        .max_frame_size(TRANSPORT_LIMIT)
-        .on_upgrade(move |socket| async move {
-            let (sink, stream) = socket.split();
-            let sink = sink.with(|frame: Frame| futures::future::ready(Ok::<_, axum::Error>(Message::from(frame))));
-            let stream = stream.map(|message| message.map(Frame::from));
-            crate::hub::edge::run(edges, edge, Box::pin(sink), stream).await;
-        });
-    Ok(response)
+    upgrade_to_session(&state, &mut parts, move |tx, rx| async move {
+        crate::hub::edge::run(edges, edge, tx, rx).await;
+    })
+    .await
 }
 
 /// The edge whose credential the request carries.
