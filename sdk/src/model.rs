@@ -11,6 +11,7 @@ mod ids;
 mod validation;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::Ipv4Addr;
 
 use chrono::{DateTime, Utc};
@@ -18,8 +19,8 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use ids::{
-    ApiKeyId, ApplicationId, DeviceId, DevicePoolId, DomainId, EdgeId, EventId, MemberId, OrganizationId, PlacementId,
-    UserId,
+    ApiKeyId, ApplicationId, ApplicationKeyId, DeviceId, DevicePoolId, DomainId, EdgeId, EventId, MemberId,
+    OrganizationId, PlacementId, UserId,
 };
 pub use validation::{
     AbsolutePath, EdgeEndpoint, EnvName, Hostname, HttpPath, LabelKey, Name, Region, TunnelCidr, ValidationError,
@@ -123,7 +124,10 @@ pub struct Member {
 }
 
 /// What an API key may do. `write` implies `read`; `admin` (keys and members) implies both;
-/// `platform` may additionally create organizations.
+/// `platform` may additionally create organizations. `access` stands apart: it lets the key
+/// through the `api_key` access policy of the organization's applications and grants nothing
+/// on the API, and no other scope grants it (its hash is pushed to devices, so a key able to
+/// change the platform never is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(rename_all = "snake_case")]
@@ -132,12 +136,39 @@ pub enum Scope {
     Write,
     Admin,
     Platform,
+    Access,
 }
 
 impl Scope {
     /// Whether holding `self` grants `needed`.
     pub fn grants(self, needed: Scope) -> bool {
-        self >= needed
+        if self == Scope::Access || needed == Scope::Access { self == needed } else { self >= needed }
+    }
+}
+
+/// A password for a member's user, set by an admin (`PUT /v1/members/{id}/password`). Users
+/// log in with it on the server's login page; it is stored only as an argon2 hash.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PasswordSpec {
+    /// 10 to 256 characters.
+    pub password: String,
+}
+
+impl fmt::Debug for PasswordSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PasswordSpec { .. }")
+    }
+}
+
+impl Validate for PasswordSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        let length = self.password.chars().count();
+        if !(10..=256).contains(&length) {
+            return Err(ValidationError::at("password", "must be 10 to 256 characters"));
+        }
+        Ok(())
     }
 }
 
@@ -676,6 +707,61 @@ impl Validate for AccessPolicy {
         }
         Ok(())
     }
+}
+
+/// A key that lets requests through one application's `api_key` access policy
+/// (`/v1/applications/{id}/keys`). Only its SHA-256 hash is stored, and pushed to the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationKeySpec {
+    pub name: Name,
+    /// When the key stops working; never if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl Validate for ApplicationKeySpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ApplicationKey {
+    pub id: ApplicationKeyId,
+    pub organization_id: OrganizationId,
+    pub application_id: ApplicationId,
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The first characters of the secret, to tell keys apart.
+    pub prefix: String,
+    pub spec: ApplicationKeySpec,
+}
+
+/// Answer to creating an application key: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ApplicationKeyCreated {
+    pub application_key: ApplicationKey,
+    pub secret: String,
+}
+
+/// An application's current short code (`GET /v1/applications/{id}/short-code`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ShortCode {
+    pub application_id: ApplicationId,
+    pub code: String,
+    /// Grows with every change of the code; sessions made with an older version end.
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Whether the code comes from the application's spec (`access.short_code.code`) rather
+    /// than from the server; only generated codes can be rotated through the API.
+    pub set_by_spec: bool,
 }
 
 /// A named volume that survives workload restarts.

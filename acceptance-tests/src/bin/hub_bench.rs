@@ -342,7 +342,10 @@ impl SimulatedAgent {
                 ServerMessage::Ping { nonce } => {
                     socket.send(Message::text(encode(&AgentMessage::Pong { nonce }))).await?
                 }
-                ServerMessage::Welcome { .. } | ServerMessage::Edges { .. } | ServerMessage::Certificate { .. } => {}
+                ServerMessage::Welcome { .. }
+                | ServerMessage::Edges { .. }
+                | ServerMessage::Certificate { .. }
+                | ServerMessage::Access { .. } => {}
                 ServerMessage::Error { code, message } => bail!("the server sent an error: {code:?}: {message}"),
             }
         }

@@ -281,7 +281,9 @@ impl<L: Local + ?Sized> Session<'_, L> {
                     // Before welcome, the writer is not running yet: answer directly.
                     send(self.config, tx, &AgentMessage::Pong { nonce }).await?;
                 }
-                message @ (ServerMessage::Edges { .. } | ServerMessage::Certificate { .. }) => {
+                message @ (ServerMessage::Edges { .. }
+                | ServerMessage::Certificate { .. }
+                | ServerMessage::Access { .. }) => {
                     self.data_path(message);
                 }
                 update @ ServerMessage::ApplicationUpdate { .. } => {
@@ -345,7 +347,9 @@ impl<L: Local + ?Sized> Session<'_, L> {
                         None => Ok(()),
                     }
                 }
-                message @ (ServerMessage::Edges { .. } | ServerMessage::Certificate { .. }) => {
+                message @ (ServerMessage::Edges { .. }
+                | ServerMessage::Certificate { .. }
+                | ServerMessage::Access { .. }) => {
                     self.data_path(message);
                     Ok(())
                 }

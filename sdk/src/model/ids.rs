@@ -58,3 +58,4 @@ id_type!(PlacementId, "placement");
 id_type!(EdgeId, "edge");
 id_type!(EventId, "event");
 id_type!(DomainId, "domain");
+id_type!(ApplicationKeyId, "application key");

@@ -13,6 +13,12 @@
 //! agent generates a key and sends a `certificate_request`; the server answers `certificate`
 //! (or an `error` naming the application).
 //!
+//! Access policies: after `welcome` the server sends `access` (where its login page is, the
+//! keys assertions are signed with, and per application the digests of accepted API keys and
+//! of the short code), always whole, and again whenever any of it changes (a key created or
+//! revoked, a code rotated, a signing key rotated). Which policies an application has is in
+//! its spec (`access`), which comes with `application_update`.
+//!
 //! Edges speak their own session on `/v1/edge/connect`: [`EdgeMessage`] up, [`EdgeServerMessage`]
 //! down. The edge sends `edge_hello`; the server answers `edge_welcome` and a full `edge_config`
 //! (its peers, routes and ACME HTTP-01 challenges), sends a new full `edge_config` whenever it
@@ -27,6 +33,8 @@ use ipnet::Ipv4Net;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+pub use crate::access::AssertionKey;
 
 use crate::model::{Application, ApplicationId, DeviceId, EdgeId, Hostname, Revision};
 
@@ -109,6 +117,18 @@ pub enum ServerMessage {
         hostnames: Vec<Hostname>,
         not_after: DateTime<Utc>,
     },
+    /// What the device's proxy needs to enforce access policies. Always the whole set.
+    Access {
+        /// The base URL of the server's login pages (`<login_url>/login`, `<login_url>/logout`).
+        login_url: String,
+        /// The keys login assertions may be signed with, the current one first.
+        assertion_keys: Vec<AssertionKey>,
+        /// How long a login session on the device lasts before the visitor is sent through
+        /// the server again (which checks the membership anew).
+        session_ttl_seconds: u64,
+        /// Secrets of the applications placed on the device that have any.
+        applications: Vec<ApplicationAccess>,
+    },
     /// Desired state. `full` snapshots replace everything the agent has; deltas upsert
     /// `applications` and remove `removed`. Revisions only grow within and across sessions.
     ApplicationUpdate {
@@ -126,6 +146,37 @@ pub enum ServerMessage {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// The secrets an application's access policies are checked against, as digests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplicationAccess {
+    pub application_id: ApplicationId,
+    /// Keys accepted by the `api_key` policy: the application's own keys and the
+    /// organization's API keys with the `access` scope. Empty without that policy.
+    #[serde(default)]
+    pub api_keys: Vec<AccessKeyDigest>,
+    /// The `short_code` policy's code; absent without that policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_code: Option<ShortCodeDigest>,
+}
+
+/// An accepted API key: [`crate::access::sha256_hex`] of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKeyDigest {
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A short code: [`crate::access::short_code_digest`] of it, and its version, which grows
+/// with every change; a device ends sessions made with an older version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShortCodeDigest {
+    pub sha256: String,
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// One edge, as a device's WireGuard peer.

@@ -47,6 +47,7 @@ pub fn scope_name(scope: Scope) -> &'static str {
         Scope::Write => "write",
         Scope::Admin => "admin",
         Scope::Platform => "platform",
+        Scope::Access => "access",
     }
 }
 

@@ -42,6 +42,8 @@ pub enum ScopeArg {
     Write,
     Admin,
     Platform,
+    /// Reach the organization's applications that accept API keys (and nothing else).
+    Access,
 }
 
 impl From<ScopeArg> for Scope {
@@ -51,6 +53,7 @@ impl From<ScopeArg> for Scope {
             ScopeArg::Write => Scope::Write,
             ScopeArg::Admin => Scope::Admin,
             ScopeArg::Platform => Scope::Platform,
+            ScopeArg::Access => Scope::Access,
         }
     }
 }
@@ -61,6 +64,7 @@ pub fn scope_name(scope: &Scope) -> &'static str {
         Scope::Write => "write",
         Scope::Admin => "admin",
         Scope::Platform => "platform",
+        Scope::Access => "access",
     }
 }
 
