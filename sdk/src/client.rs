@@ -25,11 +25,12 @@ use url::Url;
 use futures::Stream;
 
 use crate::model::{
-    ApiKey, ApiKeyCreated, ApiKeyId, ApiKeySpec, Application, ApplicationId, ApplicationLogs, ApplicationSpec,
-    ApplicationStatus, Device, DeviceCreated, DeviceId, DevicePool, DevicePoolId, DevicePoolSpec, DeviceSpec, Domain,
-    DomainId, DomainSpec, Edge, EdgeCreated, EdgeEnrollment, EdgeId, EdgeSpec, Enrollment, EnrollmentRequest,
-    ErrorBody, Event, LogEntry, Member, MemberId, MemberSpec, Organization, OrganizationCreated, OrganizationId,
-    OrganizationSpec, Page, Placement, PlacementId, PlacementSpec, Revision,
+    ApiKey, ApiKeyCreated, ApiKeyId, ApiKeySpec, Application, ApplicationId, ApplicationKey, ApplicationKeyCreated,
+    ApplicationKeyId, ApplicationKeySpec, ApplicationLogs, ApplicationSpec, ApplicationStatus, Device, DeviceCreated,
+    DeviceId, DevicePool, DevicePoolId, DevicePoolSpec, DeviceSpec, Domain, DomainId, DomainSpec, Edge, EdgeCreated,
+    EdgeEnrollment, EdgeId, EdgeSpec, Enrollment, EnrollmentRequest, ErrorBody, Event, LogEntry, Member, MemberId,
+    MemberSpec, Organization, OrganizationCreated, OrganizationId, OrganizationSpec, Page, PasswordSpec, Placement,
+    PlacementId, PlacementSpec, Revision, ShortCode,
 };
 
 /// What went wrong talking to the server, and whether the server said so.
@@ -168,6 +169,22 @@ pub struct ListOptions {
     pub name: Option<String>,
 }
 
+impl ListOptions {
+    fn query(&self) -> Vec<(&'static str, String)> {
+        let mut query = Vec::new();
+        if let Some(limit) = self.limit {
+            query.push(("limit", limit.to_string()));
+        }
+        if let Some(cursor) = &self.cursor {
+            query.push(("cursor", cursor.clone()));
+        }
+        if let Some(name) = &self.name {
+            query.push(("name", name.clone()));
+        }
+        query
+    }
+}
+
 /// Which events to list: the newest first, optionally of one application or device.
 #[derive(Debug, Clone, Default)]
 pub struct EventQuery {
@@ -188,6 +205,13 @@ const FOLLOW_LIMIT: Duration = Duration::from_secs(24 * 60 * 60);
 pub struct WhoAmI {
     pub organization: Organization,
     pub api_key: ApiKey,
+}
+
+/// Answer to rotating the server's assertion signing key: the id of the new current key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AssertionKeyRotated {
+    pub kid: String,
 }
 
 /// A client of one server with one API key. Cheap to clone.
@@ -240,17 +264,7 @@ impl Client {
     }
 
     pub async fn list<R: Resource>(&self, options: &ListOptions) -> Result<Page<R>, ClientError> {
-        let mut query = Vec::new();
-        if let Some(limit) = options.limit {
-            query.push(("limit", limit.to_string()));
-        }
-        if let Some(cursor) = &options.cursor {
-            query.push(("cursor", cursor.clone()));
-        }
-        if let Some(name) = &options.name {
-            query.push(("name", name.clone()));
-        }
-        self.send(Method::GET, &format!("v1/{}", R::PATH), &query, None::<&()>, None).await
+        self.send(Method::GET, &format!("v1/{}", R::PATH), &options.query(), None::<&()>, None).await
     }
 
     /// Every object of a kind, following pages.
@@ -294,11 +308,88 @@ impl Client {
     }
 
     pub async fn delete<R: Resource>(&self, id: &R::Id) -> Result<(), ClientError> {
-        let url = self.url(&format!("v1/{}/{id}", R::PATH))?;
-        let request = self.http.delete(url.clone()).bearer_auth(&self.api_key);
-        let response =
-            request.send().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
-        check_status(response).await.map(drop)
+        self.send_without_answer(Method::DELETE, &format!("v1/{}/{id}", R::PATH), None::<&()>).await
+    }
+
+    /// Sets the password the member's user logs in with on the server's login page (admin
+    /// scope). The server stores only an argon2 hash of it.
+    pub async fn set_member_password(&self, id: &MemberId, spec: &PasswordSpec) -> Result<(), ClientError> {
+        self.send_without_answer(Method::PUT, &format!("v1/members/{id}/password"), Some(spec)).await
+    }
+
+    /// One page of the keys that pass the application's `api_key` access policy.
+    pub async fn list_application_keys(
+        &self,
+        application: &ApplicationId,
+        options: &ListOptions,
+    ) -> Result<Page<ApplicationKey>, ClientError> {
+        let path = format!("v1/applications/{application}/keys");
+        self.send(Method::GET, &path, &options.query(), None::<&()>, None).await
+    }
+
+    /// Every key of the application, following pages.
+    pub async fn list_all_application_keys(
+        &self,
+        application: &ApplicationId,
+    ) -> Result<Vec<ApplicationKey>, ClientError> {
+        let mut options = ListOptions { limit: Some(1000), ..ListOptions::default() };
+        let mut all = Vec::new();
+        loop {
+            let page = self.list_application_keys(application, &options).await?;
+            all.extend(page.items);
+            match page.next_cursor {
+                Some(cursor) => options.cursor = Some(cursor),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// Creates a key for the application; the answer carries its secret, shown only this once.
+    pub async fn create_application_key(
+        &self,
+        application: &ApplicationId,
+        spec: &ApplicationKeySpec,
+    ) -> Result<ApplicationKeyCreated, ClientError> {
+        let path = format!("v1/applications/{application}/keys");
+        self.send(Method::POST, &path, &[], Some(spec), None).await
+    }
+
+    pub async fn application_key(
+        &self,
+        application: &ApplicationId,
+        key: &ApplicationKeyId,
+    ) -> Result<ApplicationKey, ClientError> {
+        let path = format!("v1/applications/{application}/keys/{key}");
+        self.send(Method::GET, &path, &[], None::<&()>, None).await
+    }
+
+    /// Revokes an application key; devices stop accepting it once the server pushed the change.
+    pub async fn delete_application_key(
+        &self,
+        application: &ApplicationId,
+        key: &ApplicationKeyId,
+    ) -> Result<(), ClientError> {
+        self.send_without_answer(Method::DELETE, &format!("v1/applications/{application}/keys/{key}"), None::<&()>)
+            .await
+    }
+
+    /// The application's current short code. 404 when the application has no `short_code`
+    /// access policy.
+    pub async fn short_code(&self, application: &ApplicationId) -> Result<ShortCode, ClientError> {
+        self.send(Method::GET, &format!("v1/applications/{application}/short-code"), &[], None::<&()>, None).await
+    }
+
+    /// Replaces a generated short code with a new one, ending the sessions made with the old
+    /// one. 409 when the code is set in the application's spec (change the spec instead).
+    pub async fn rotate_short_code(&self, application: &ApplicationId) -> Result<ShortCode, ClientError> {
+        let path = format!("v1/applications/{application}/short-code/rotate");
+        self.send(Method::POST, &path, &[], None::<&()>, None).await
+    }
+
+    /// Makes a new key sign login assertions (platform scope); devices keep accepting the
+    /// previous keys for a grace period.
+    pub async fn rotate_assertion_key(&self) -> Result<AssertionKeyRotated, ClientError> {
+        self.send(Method::POST, "v1/assertion-keys/rotate", &[], None::<&()>, None).await
     }
 
     /// Exchanges a device's one-time enrollment token for its long-lived credential, recording
@@ -460,6 +551,23 @@ impl Client {
             request.send().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
         decode(check_status(response).await?, &url).await
     }
+
+    /// A request whose answer has no body (`204 No Content`).
+    async fn send_without_answer<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(), ClientError> {
+        let url = self.url(path)?;
+        let mut request = self.http.request(method, url.clone()).bearer_auth(&self.api_key);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response =
+            request.send().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?;
+        check_status(response).await.map(drop)
+    }
 }
 
 /// Reads a 2xx answer's JSON body.
@@ -486,4 +594,145 @@ fn default_http_client() -> Result<reqwest::Client, ClientError> {
         .timeout(Duration::from_secs(60))
         .build()
         .map_err(|source| ClientError::Transport { url: String::new(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// What the canned server saw of one request.
+    #[derive(Debug)]
+    struct Seen {
+        request_line: String,
+        body: String,
+    }
+
+    /// Serves one HTTP/1.1 request on loopback with `status` and `body`, and hands back what it
+    /// received.
+    async fn one_request(status: &'static str, body: String) -> (String, tokio::task::JoinHandle<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut received = Vec::new();
+            let mut buffer = [0u8; 4096];
+            let (head_end, content_length) = loop {
+                let read = stream.read(&mut buffer).await.unwrap();
+                assert!(read > 0, "the client closed before a whole request");
+                received.extend_from_slice(&buffer[..read]);
+                if let Some(end) = received.windows(4).position(|window| window == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&received[..end]).to_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|line| line.strip_prefix("content-length:"))
+                        .map_or(0, |value| value.trim().parse::<usize>().unwrap());
+                    break (end + 4, length);
+                }
+            };
+            while received.len() < head_end + content_length {
+                let read = stream.read(&mut buffer).await.unwrap();
+                assert!(read > 0, "the client closed before the whole body");
+                received.extend_from_slice(&buffer[..read]);
+            }
+            let head = String::from_utf8_lossy(&received[..head_end]).into_owned();
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(answer.as_bytes()).await.unwrap();
+            Seen {
+                request_line: head.lines().next().unwrap_or_default().to_owned(),
+                body: String::from_utf8_lossy(&received[head_end..]).into_owned(),
+            }
+        });
+        (endpoint, task)
+    }
+
+    fn application_key_json(application: ApplicationId) -> serde_json::Value {
+        serde_json::json!({
+            "id": ApplicationKeyId::new(),
+            "organization_id": crate::model::OrganizationId::new(),
+            "application_id": application,
+            "revision": 3,
+            "created_at": "2030-01-01T00:00:00Z",
+            "updated_at": "2030-01-01T00:00:00Z",
+            "prefix": "edgak_ab",
+            "spec": {"name": "ci"},
+        })
+    }
+
+    #[tokio::test]
+    async fn setting_a_password_puts_it_to_the_member() {
+        let (endpoint, server) = one_request("204 No Content", String::new()).await;
+        let client = Client::new(&endpoint, "edg_test").unwrap();
+        let member = MemberId::new();
+        client.set_member_password(&member, &PasswordSpec { password: "correct horse".into() }).await.unwrap();
+        let seen = server.await.unwrap();
+        assert_eq!(seen.request_line, format!("PUT /v1/members/{member}/password HTTP/1.1"));
+        assert_eq!(seen.body, r#"{"password":"correct horse"}"#);
+    }
+
+    #[tokio::test]
+    async fn application_keys_live_under_their_application() {
+        let application = ApplicationId::new();
+        let created =
+            serde_json::json!({"application_key": application_key_json(application), "secret": "edgak_secret"});
+        let (endpoint, server) = one_request("201 Created", created.to_string()).await;
+        let client = Client::new(&endpoint, "edg_test").unwrap();
+        let spec = ApplicationKeySpec { name: "ci".parse().unwrap(), expires_at: None };
+        let answer = client.create_application_key(&application, &spec).await.unwrap();
+        assert_eq!(answer.secret, "edgak_secret");
+        assert_eq!(answer.application_key.prefix, "edgak_ab");
+        let seen = server.await.unwrap();
+        assert_eq!(seen.request_line, format!("POST /v1/applications/{application}/keys HTTP/1.1"));
+        assert_eq!(seen.body, r#"{"name":"ci"}"#);
+
+        let page = serde_json::json!({"items": [application_key_json(application)], "next_cursor": null});
+        let (endpoint, server) = one_request("200 OK", page.to_string()).await;
+        let client = Client::new(&endpoint, "edg_test").unwrap();
+        let keys = client.list_all_application_keys(&application).await.unwrap();
+        assert_eq!(keys.len(), 1);
+        let seen = server.await.unwrap();
+        assert_eq!(seen.request_line, format!("GET /v1/applications/{application}/keys?limit=1000 HTTP/1.1"));
+
+        let key = ApplicationKeyId::new();
+        let (endpoint, server) = one_request("204 No Content", String::new()).await;
+        let client = Client::new(&endpoint, "edg_test").unwrap();
+        client.delete_application_key(&application, &key).await.unwrap();
+        let seen = server.await.unwrap();
+        assert_eq!(seen.request_line, format!("DELETE /v1/applications/{application}/keys/{key} HTTP/1.1"));
+    }
+
+    #[tokio::test]
+    async fn short_codes_are_read_and_rotated() {
+        let application = ApplicationId::new();
+        let code =
+            serde_json::json!({"application_id": application, "code": "k3x9q2", "version": 2, "set_by_spec": false});
+        let (endpoint, server) = one_request("200 OK", code.to_string()).await;
+        let client = Client::new(&endpoint, "edg_test").unwrap();
+        let short_code = client.rotate_short_code(&application).await.unwrap();
+        assert_eq!((short_code.code.as_str(), short_code.version), ("k3x9q2", 2));
+        let seen = server.await.unwrap();
+        assert_eq!(seen.request_line, format!("POST /v1/applications/{application}/short-code/rotate HTTP/1.1"));
+
+        let error = serde_json::json!({"error": {"code": "not_found", "message": "application web has no short_code access policy", "field": null}});
+        let (endpoint, server) = one_request("404 Not Found", error.to_string()).await;
+        let client = Client::new(&endpoint, "edg_test").unwrap();
+        let error = client.short_code(&application).await.unwrap_err();
+        assert!(error.is_not_found(), "{error}");
+        assert!(error.message().contains("short_code"), "{error}");
+        let seen = server.await.unwrap();
+        assert_eq!(seen.request_line, format!("GET /v1/applications/{application}/short-code HTTP/1.1"));
+    }
+
+    #[tokio::test]
+    async fn rotating_the_assertion_key_answers_its_id() {
+        let (endpoint, server) = one_request("200 OK", r#"{"kid":"k2"}"#.to_owned()).await;
+        let client = Client::new(&endpoint, "edg_test").unwrap();
+        assert_eq!(client.rotate_assertion_key().await.unwrap().kid, "k2");
+        assert_eq!(server.await.unwrap().request_line, "POST /v1/assertion-keys/rotate HTTP/1.1");
+    }
 }

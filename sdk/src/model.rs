@@ -886,6 +886,13 @@ impl Validate for ApplicationSpec {
             health_check.validate().map_err(|e| e.within("health_check"))?;
         }
         self.access.validate().map_err(|e| e.within("access"))?;
+        if self.protocol == ApplicationProtocol::Tcp && !self.access.is_public() {
+            // Policies are checked on HTTP requests; a raw stream has nothing to check them on.
+            return Err(ValidationError::at(
+                "access",
+                "access policies need protocol http; a tcp application is public",
+            ));
+        }
         let mut volume_names = BTreeSet::new();
         let mut mount_paths = BTreeSet::new();
         for (index, volume) in self.storage.iter().enumerate() {
@@ -1404,6 +1411,23 @@ mod tests {
         assert_eq!(wildcard.field.as_deref(), Some("name"));
         let spec = parse_json::<DomainSpec>(br#"{"name": "example.com"}"#).unwrap();
         assert_eq!(spec.name.as_str(), "example.com");
+    }
+
+    #[test]
+    fn a_tcp_application_cannot_have_access_policies() {
+        let mut body = minimal_app();
+        body["protocol"] = json!("tcp");
+        assert!(app(body.clone()).is_ok(), "a public tcp application is fine");
+        body["access"] = json!({"api_key": {}});
+        assert_eq!(app(body).unwrap_err().field.as_deref(), Some("access"));
+    }
+
+    #[test]
+    fn the_access_scope_grants_and_is_granted_by_nothing_else() {
+        assert!(Scope::Access.grants(Scope::Access));
+        assert!(!Scope::Access.grants(Scope::Read));
+        assert!(!Scope::Platform.grants(Scope::Access));
+        assert!(Scope::Admin.grants(Scope::Write));
     }
 
     #[test]

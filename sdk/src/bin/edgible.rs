@@ -1,4 +1,4 @@
-//! The `edgible` command line: log in to a server, manage organizations, API keys, device
+//! The `edgible` command line: log in to a server, manage organizations, members, API keys, device
 //! pools, devices, edges, domains, applications and placements, deploy stack files, read what devices
 //! report (status, logs, events), and fetch the internal CA certificate (`edgible ca`).
 //!
@@ -9,6 +9,8 @@
 
 // A binary's root is `src/bin/edgible.rs`, so its submodules would be looked up beside it in
 // `src/bin/`, where cargo would take them for binaries of their own; they live in `edgible/`.
+#[path = "edgible/access.rs"]
+mod access;
 #[path = "edgible/applications.rs"]
 mod applications;
 #[path = "edgible/config.rs"]
@@ -23,6 +25,8 @@ mod edges;
 mod keys;
 #[path = "edgible/login.rs"]
 mod login;
+#[path = "edgible/members.rs"]
+mod members;
 #[path = "edgible/organizations.rs"]
 mod organizations;
 #[path = "edgible/output.rs"]
@@ -71,6 +75,9 @@ enum Command {
     /// Organizations (creating and deleting them needs a platform key).
     #[command(subcommand, visible_alias = "organization")]
     Org(organizations::OrgCommand),
+    /// Members of the organization, and their login passwords.
+    #[command(subcommand)]
+    Member(members::MemberCommand),
     /// API keys of the organization.
     #[command(subcommand, visible_alias = "api-key")]
     Key(keys::KeyCommand),
@@ -150,6 +157,7 @@ async fn run(command: Command, context: &Context) -> anyhow::Result<()> {
         Command::Login(args) => login::login(args, context).await,
         Command::Whoami => login::whoami(context).await,
         Command::Org(command) => organizations::run(command, context).await,
+        Command::Member(command) => members::run(command, context).await,
         Command::Key(command) => keys::run(command, context).await,
         Command::Pool(command) => pools::run(command, context).await,
         Command::Device(command) => devices::run(command, context).await,
@@ -234,6 +242,42 @@ mod tests {
         assert!(Cli::try_parse_from(["edgible", "domain", "create", "example.com"]).is_ok());
         assert!(Cli::try_parse_from(["edgible", "domain", "create", "Not A Domain"]).is_err());
         assert!(Cli::try_parse_from(["edgible", "domain", "verify", "example.com"]).is_ok());
+    }
+
+    #[test]
+    fn passwords_never_come_from_the_command_line() {
+        assert!(Cli::try_parse_from(["edgible", "member", "set-password", "ana@example.test"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["edgible", "member", "set-password", "ana@example.test", "--password-stdin"]).is_ok()
+        );
+        for flag in ["--password", "-p"] {
+            let argv = ["edgible", "member", "set-password", "ana@example.test", flag, "hunter2hunter2"];
+            assert!(Cli::try_parse_from(argv).is_err(), "{flag} must not exist");
+        }
+        let argv = ["edgible", "member", "set-password", "ana@example.test", "hunter2hunter2"];
+        assert!(Cli::try_parse_from(argv).is_err(), "no positional password");
+    }
+
+    #[test]
+    fn application_keys_and_short_codes_parse() {
+        let cli = Cli::try_parse_from([
+            "edgible",
+            "app",
+            "key",
+            "create",
+            "web",
+            "ci",
+            "--expires-at",
+            "2030-01-01T00:00:00Z",
+        ]);
+        assert!(cli.is_ok(), "{cli:?}");
+        assert!(Cli::try_parse_from(["edgible", "app", "key", "create", "web", "ci", "--expires-at", "soon"]).is_err());
+        assert!(Cli::try_parse_from(["edgible", "app", "key", "create", "web", "Not A Name"]).is_err());
+        assert!(Cli::try_parse_from(["edgible", "app", "key", "list", "web"]).is_ok());
+        assert!(Cli::try_parse_from(["edgible", "app", "key", "delete", "web", "ci"]).is_ok());
+        assert!(Cli::try_parse_from(["edgible", "app", "short-code", "web"]).is_ok());
+        assert!(Cli::try_parse_from(["edgible", "app", "short-code", "web", "--rotate"]).is_ok());
+        assert!(Cli::try_parse_from(["edgible", "key", "create", "robot", "--scope", "access"]).is_ok());
     }
 
     #[test]

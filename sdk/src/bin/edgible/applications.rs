@@ -11,6 +11,7 @@ use edgible::model::{
 };
 
 use crate::Context;
+use crate::access::{AppKeyCommand, access_summary};
 use crate::output::{Details, Format, Table, list, optional, print_json};
 use crate::placements::describe_placement;
 use crate::resolve::resolve;
@@ -31,10 +32,22 @@ pub enum AppCommand {
         /// Name or id.
         application: String,
     },
-    /// Show what the application's device last reported: phase, message, revision.
+    /// Show what the application's device last reported: phase, message, revision; and who
+    /// may reach it.
     Status {
         /// Name or id.
         application: String,
+    },
+    /// Keys that let requests through the application's api_key access policy.
+    #[command(subcommand)]
+    Key(AppKeyCommand),
+    /// Show the code visitors enter to pass the application's short_code access policy.
+    ShortCode {
+        /// Name or id.
+        application: String,
+        /// Replace a generated code with a new one first; sessions made with the old one end.
+        #[arg(long)]
+        rotate: bool,
     },
 }
 
@@ -156,6 +169,10 @@ pub async fn run(command: AppCommand, context: &Context) -> anyhow::Result<()> {
             println!("Deleted application {} ({}).", application.spec.name, application.id);
         }
         AppCommand::Status { application } => crate::reports::app_status(&client, &application, context).await?,
+        AppCommand::Key(command) => crate::access::run_key(command, context).await?,
+        AppCommand::ShortCode { application, rotate } => {
+            crate::access::short_code(&client, &application, rotate, context).await?
+        }
     }
     Ok(())
 }
@@ -230,26 +247,6 @@ pub fn workload_summary(workload: &Workload) -> String {
             (None, None) => "vm".to_owned(),
         },
     }
-}
-
-fn access_summary(access: &AccessPolicy) -> String {
-    if access.is_public() {
-        return "public".to_owned();
-    }
-    let mut policies = Vec::new();
-    if access.organization.is_some() {
-        policies.push("organization members".to_owned());
-    }
-    if access.api_key.is_some() {
-        policies.push("api key".to_owned());
-    }
-    if let Some(short_code) = &access.short_code {
-        policies.push(match &short_code.code {
-            Some(code) => format!("short code {code}"),
-            None => "short code".to_owned(),
-        });
-    }
-    policies.join(" or ")
 }
 
 #[cfg(test)]

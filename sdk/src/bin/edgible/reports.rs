@@ -59,6 +59,7 @@ pub async fn app_status(client: &Client, reference: &str, context: &Context) -> 
                 .field("reported", optional(status.reported_at.map(|at| at.to_rfc3339())))
                 .field("certificate", optional(status.certificate_status.as_ref()))
                 .field("certificate expires", optional(status.certificate_expires_at.map(|at| at.to_rfc3339())))
+                .field("access", crate::access::access_summary(&application.spec.access))
                 .print();
         }
     }
