@@ -2,6 +2,7 @@
 //! and the pieces they share (paging, ETags). Handlers check the caller's scope, parse with
 //! the sdk's model types and leave every rule that needs the database to [`crate::db`].
 
+mod access;
 mod agents;
 mod api_keys;
 mod applications;
@@ -78,6 +79,14 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/edge/enroll", post(edge_session::enroll))
         .route("/v1/edge/connect", get(edge_session::connect))
         .route("/v1/ca.pem", get(edge_session::ca_pem))
+        .route("/v1/members/{id}/password", axum::routing::put(access::set_password))
+        .route("/v1/applications/{id}/keys", get(access::list_keys).post(access::create_key))
+        .route("/v1/applications/{id}/keys/{key_id}", get(access::get_key).delete(access::delete_key))
+        .route("/v1/applications/{id}/short-code", get(access::short_code))
+        .route("/v1/applications/{id}/short-code/rotate", post(access::rotate_short_code))
+        .route("/v1/assertion-keys/rotate", post(access::rotate_assertion_key))
+        .route("/login", get(crate::access::pages::login_page).post(crate::access::pages::login_submit))
+        .route("/logout", get(crate::access::pages::logout))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::record))
@@ -157,6 +166,8 @@ fn tagged<T: Serialize>(status: StatusCode, revision: Revision, value: T) -> Res
         agents::enroll, agents::connect,
         edge_session::enroll, edge_session::connect, edge_session::ca_pem,
         domains::list, domains::create, domains::get, domains::verify, domains::delete,
+        access::set_password, access::list_keys, access::create_key, access::get_key, access::delete_key,
+        access::short_code, access::rotate_short_code, access::rotate_assertion_key,
     ),
     components(schemas(edgible::model::ErrorBody, edgible::model::ErrorDetail)),
     modifiers(&BearerAuth),

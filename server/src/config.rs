@@ -22,6 +22,8 @@ pub const ACME_DIRECTORY_ENV: &str = "EDGIBLE_ACME_DIRECTORY";
 pub const ACME_EAB_HMAC_KEY_ENV: &str = "EDGIBLE_ACME_EAB_HMAC_KEY";
 /// Where the server key file's path may also come from.
 pub const SERVER_KEY_FILE_ENV: &str = "EDGIBLE_SERVER_KEY_FILE";
+/// Where the public URL of the login pages may also come from.
+pub const PUBLIC_URL_ENV: &str = "EDGIBLE_PUBLIC_URL";
 
 #[derive(Debug, Parser)]
 #[command(name = "edgible-server", version, about = "The Edgible control plane")]
@@ -136,8 +138,9 @@ pub struct ServeConfig {
     pub acme_max_concurrent_orders: u32,
 
     /// The server key (32 random bytes, base64) that encrypts secrets at rest in the database
-    /// (the ACME account's key, with ChaCha20-Poly1305). Created, mode 0600, if missing; keep a
-    /// copy: without it the stored account cannot be used. Required with `--issuer acme`.
+    /// (the ACME account's key and the login assertion signing keys, with ChaCha20-Poly1305).
+    /// Created, mode 0600, if missing; keep a copy: without it the stored account and keys
+    /// cannot be used. Required with `--issuer acme`.
     #[arg(long, value_name = "FILE", required_if_eq("issuer", "acme"), env = SERVER_KEY_FILE_ENV)]
     pub server_key_file: Option<PathBuf>,
 
@@ -159,6 +162,18 @@ pub struct ServeConfig {
     /// records, instead of the system's resolvers (`/etc/resolv.conf`).
     #[arg(long, value_name = "ADDR:PORT")]
     pub dns_resolver: Option<SocketAddr>,
+
+    /// The URL under which browsers reach this server (`https://login.example.com`): devices
+    /// send visitors of `organization`-protected applications to `<URL>/login`. Its login
+    /// cookie is `Secure` when it is https. Default: `http://<listen address>`.
+    #[arg(long, value_name = "URL", value_parser = parse_public_url, env = PUBLIC_URL_ENV)]
+    pub public_url: Option<String>,
+
+    /// Seconds a visitor's login session on a device lasts before the device sends them
+    /// through the login page again, which checks their membership anew. Bounds how long a
+    /// removed member keeps access.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub access_session_ttl: u64,
 }
 
 impl ServeConfig {
@@ -177,6 +192,18 @@ impl ServeConfig {
         }
     }
 
+    /// Access policies' settings; `listening` is the bound address, the public URL's default.
+    /// Loads (or creates) the server key when `--server-key-file` is given.
+    pub fn access_settings(
+        &self,
+        listening: SocketAddr,
+    ) -> Result<crate::access::AccessSettings, crate::certs::sealed::SealError> {
+        let server_key =
+            self.server_key_file.as_deref().map(crate::certs::sealed::ServerKey::load_or_create).transpose()?;
+        let public_url = self.public_url.clone().unwrap_or_else(|| format!("http://{listening}"));
+        Ok(crate::access::AccessSettings::new(&public_url, Duration::from_secs(self.access_session_ttl), server_key))
+    }
+
     /// The timing of agent sessions.
     pub fn session_config(&self) -> crate::hub::agent::SessionConfig {
         crate::hub::agent::SessionConfig {
@@ -185,6 +212,18 @@ impl ServeConfig {
             ..crate::hub::agent::SessionConfig::default()
         }
     }
+}
+
+/// A `--public-url`: an http or https URL without query or fragment.
+fn parse_public_url(text: &str) -> Result<String, String> {
+    let rest = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+        .ok_or_else(|| format!("{text} must start with https:// (or http:// for local use)"))?;
+    if rest.is_empty() || rest.starts_with('/') || rest.contains(['?', '#', ' ']) {
+        return Err(format!("{text} must be a base URL such as https://login.example.com, without query or fragment"));
+    }
+    Ok(text.trim_end_matches('/').to_owned())
 }
 
 /// A `--platform-zone`: a plain hostname (no wildcard).
@@ -311,6 +350,36 @@ mod tests {
         assert_eq!(acme.issuer, Issuer::Acme);
         assert_eq!(acme.acme_contacts, ["a@example.com", "b@example.com", "c@example.com"]);
         assert_eq!(acme.acme_max_concurrent_orders, 3);
+    }
+
+    #[test]
+    fn access_options_have_defaults_and_are_checked() {
+        let serve = |extra: &[&str]| {
+            let mut args = vec!["serve", "--database", "sqlite://x"];
+            args.extend_from_slice(extra);
+            parse(&args).map(|config| match config.command {
+                Command::Serve(serve) => serve,
+                Command::Bootstrap(_) => panic!("expected serve"),
+            })
+        };
+        let listening: SocketAddr = "127.0.0.1:7070".parse().expect("address");
+        let defaults = serve(&[]).expect("defaults");
+        let settings = defaults.access_settings(listening).expect("settings");
+        assert_eq!(settings.public_url, "http://127.0.0.1:7070");
+        assert_eq!(settings.session_ttl, Duration::from_secs(300));
+        assert!(!settings.https());
+
+        let set = serve(&["--public-url", "https://login.example.test/", "--access-session-ttl", "60"]).expect("set");
+        let settings = set.access_settings(listening).expect("settings");
+        assert_eq!(settings.public_url, "https://login.example.test");
+        assert_eq!(settings.session_ttl, Duration::from_secs(60));
+        assert!(settings.https());
+
+        for bad in ["login.example.test", "ftp://x", "https://", "https://x/?a=b"] {
+            let error = serve(&["--public-url", bad]).expect_err(bad);
+            assert!(error.to_string().contains("--public-url"), "{error}");
+        }
+        assert!(serve(&["--access-session-ttl", "0"]).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! hostnames, free tunnel addresses, the last owner) therefore see a stable database, and
 //! unique indexes stay behind them as a safety net.
 
+mod access;
 mod acme;
 mod agents;
 mod api_keys;
@@ -40,6 +41,7 @@ use sea_orm_migration::MigratorTrait;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
+pub use self::access::{LoginUser, StoredAssertionKey};
 pub use self::acme::{CertificateState, CertificateSummary, StoredOrder};
 pub use self::agents::{EVENTS_KEPT, EnrollError, EventQuery, StatusReport};
 pub use self::edges::EdgeEnrolled;
@@ -193,7 +195,9 @@ impl Db {
         let conn = Database::connect(options).await.map_err(|e| StoreError::Connect(e.to_string()))?;
         migration::Migrator::up(&conn, None).await.map_err(|e| StoreError::Connect(format!("migrating: {e}")))?;
         let write_lock = sqlite.then(|| Arc::new(Mutex::new(())));
-        Ok(Db { conn, write_lock, listener: Arc::default() })
+        let db = Db { conn, write_lock, listener: Arc::default() };
+        db.backfill_short_codes().await?;
+        Ok(db)
     }
 
     /// Sets who is told, after each commit, which devices' desired state and which edges'

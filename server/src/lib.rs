@@ -3,6 +3,7 @@
 //! configuration, tracing and signals around [`serve`]; tests drive [`router`] in-process.
 //! The internal CA that signs devices' certificates lives in [`certs`].
 
+pub mod access;
 pub mod api;
 pub mod bootstrap;
 pub mod certs;
@@ -36,6 +37,8 @@ pub struct AppState {
     edges: Edges,
     /// Hostname ownership: platform zones, enforcement and the DNS resolver (`crate::domains`).
     domains: Arc<crate::domains::DomainSettings>,
+    /// Failed logins on the login pages (`crate::access::pages`).
+    login_limiter: Arc<std::sync::Mutex<access::limiter::LoginLimiter>>,
 }
 
 impl AppState {
@@ -68,9 +71,28 @@ impl AppState {
             ca,
             acme: Arc::default(),
             outbox: Arc::default(),
+            access: Arc::default(),
         };
         let edges = Edges { db: db.clone(), hub: edge_hub, config, board: Arc::default() };
-        Self { db, metrics, agents, edges, domains: Arc::default() }
+        Self { db, metrics, agents, edges, domains: Arc::default(), login_limiter: Arc::default() }
+    }
+
+    /// This state with access policies configured by `settings` (the login pages' public URL,
+    /// the device session lifetime, the server key that seals assertion keys).
+    pub fn with_access_settings(mut self, settings: access::AccessSettings) -> Self {
+        self.agents.access = Arc::new(settings);
+        self
+    }
+
+    /// How access policies are configured.
+    pub fn access_settings(&self) -> &access::AccessSettings {
+        &self.agents.access
+    }
+
+    /// The failed-login counts of the login pages.
+    pub fn login_limiter(&self) -> std::sync::MutexGuard<'_, access::limiter::LoginLimiter> {
+        // Every change is a single insert, update or removal; a panic cannot leave it half-done.
+        self.login_limiter.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// This state with hostname ownership configured by `settings` (the default checks
@@ -138,7 +160,7 @@ impl AppState {
 }
 
 /// The HTTP interface of the server: `/v1` (with the agents' and edges' WebSockets),
-/// `/healthz` and `/metrics`.
+/// `/healthz`, `/metrics` and the login pages (`/login`, `/logout`, `crate::access::pages`).
 pub fn router(state: AppState) -> axum::Router {
     api::routes(state)
 }

@@ -19,6 +19,10 @@ pub const DEVICE_CREDENTIAL_PREFIX: &str = "edgdev_";
 pub const EDGE_ENROLLMENT_TOKEN_PREFIX: &str = "edgenr_";
 /// How edge credentials start.
 pub const EDGE_CREDENTIAL_PREFIX: &str = "edgedge_";
+/// How application keys (`/v1/applications/{id}/keys`) start.
+pub const APPLICATION_KEY_PREFIX: &str = "edgak_";
+/// How the secrets of login sessions (the `edgible_login` cookie) start.
+pub const LOGIN_SESSION_PREFIX: &str = "edglogin_";
 /// How many characters of a key's secret are kept in clear to tell keys apart.
 const VISIBLE_PREFIX_CHARS: usize = 12;
 
@@ -65,6 +69,16 @@ impl NewSecret {
         Self::generate(EDGE_CREDENTIAL_PREFIX)
     }
 
+    /// A new application key secret.
+    pub fn application_key() -> Self {
+        Self::generate(APPLICATION_KEY_PREFIX)
+    }
+
+    /// A new login session secret, for the login pages' cookie.
+    pub fn login_session() -> Self {
+        Self::generate(LOGIN_SESSION_PREFIX)
+    }
+
     fn generate(kind: &str) -> Self {
         let bytes: [u8; 32] = rand::rng().random();
         let secret = format!("{kind}{}", URL_SAFE_NO_PAD.encode(bytes));
@@ -76,6 +90,12 @@ impl NewSecret {
 /// Hex SHA-256 of a presented secret, to look it up.
 pub fn sha256_hex(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// 128 random bits as URL-safe text: unique ids such as an assertion's `jti` or a key id.
+pub fn random_id() -> String {
+    let bytes: [u8; 16] = rand::rng().random();
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// A short code for `short_code` access policies: letters and digits, easy to type.

@@ -23,6 +23,10 @@ pub enum ServeError {
     CertificateAuthority(#[from] crate::certs::CaError),
     #[error(transparent)]
     Acme(#[from] crate::certs::acme::AcmeError),
+    #[error(transparent)]
+    ServerKey(#[from] crate::certs::sealed::SealError),
+    #[error("access policies: {0}")]
+    Access(#[from] crate::access::AccessError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: SocketAddr,
@@ -66,6 +70,11 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
         .map_err(|source| ServeError::Listen { address: config.listen, source })?;
     let address = listener.local_addr().map_err(|source| ServeError::Listen { address: config.listen, source })?;
     let url = format!("http://{address}");
+    let access = config.access_settings(address)?;
+    tracing::info!(public_url = %access.public_url, "login pages");
+    // The first start on a database creates the assertion signing key; later starts use it.
+    crate::access::ensure_key(state.db(), &access).await?;
+    let state = state.with_access_settings(access);
     if let Some(path) = &config.ready_file {
         write_ready_file(path, &url).map_err(|source| ServeError::ReadyFile { path: path.clone(), source })?;
     }
@@ -73,7 +82,9 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
 
     let (stop, stopped) = watch::channel(false);
     let acme_state = state.clone();
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+    // Connection info gives the login pages the client's address to rate-limit by.
+    let service = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
         let mut stopped = stopped;
         // An error means the sender is gone, which only happens once we are stopping anyway.
         let _ = stopped.wait_for(|stop| *stop).await;

@@ -332,7 +332,8 @@ impl Agent {
                 }
                 ServerMessage::Welcome { .. }
                 | ServerMessage::ApplicationUpdate { .. }
-                | ServerMessage::Edges { .. } => {}
+                | ServerMessage::Edges { .. }
+                | ServerMessage::Access { .. } => {}
                 other => return Ok(other),
             }
         }

@@ -17,9 +17,17 @@ use crate::secrets::NewSecret;
 const KIND: &str = "API key";
 
 /// Fails with 403 if the spec asks for a scope the caller's own key does not hold, so that
-/// no key can mint a stronger one.
+/// no key can mint a stronger one. `access` grants nothing on the API, so any key allowed to
+/// manage keys (`admin`) may hand it out; it cannot be combined with another scope, because
+/// its hash is pushed to devices and such a key must not be able to change the platform.
 fn check_grantable(caller: &Caller, spec: &ApiKeySpec) -> Result<(), ApiError> {
-    match spec.scopes.iter().find(|scope| !caller.holds(**scope)) {
+    if spec.scopes.contains(&Scope::Access) && spec.scopes.len() > 1 {
+        return Err(ApiError::Invalid(edgible::model::ValidationError::at(
+            "scopes",
+            "access cannot be combined with other scopes: its hash is pushed to devices",
+        )));
+    }
+    match spec.scopes.iter().find(|scope| **scope != Scope::Access && !caller.holds(**scope)) {
         Some(scope) => Err(ApiError::Forbidden(format!(
             "this API key cannot grant the {} scope, which it does not hold",
             scope_name(*scope)

@@ -64,6 +64,14 @@ impl FromRequestParts<AppState> for Caller {
         if api_key.spec.expires_at.is_some_and(|expires_at| expires_at <= Utc::now()) {
             return Err(ApiError::Unauthorized(format!("API key {} has expired", api_key.spec.name)));
         }
+        // An `access` key only opens applications' `api_key` policies on devices; every scope
+        // check would refuse it too, but no route should even see it as a caller.
+        if api_key.spec.scopes.iter().all(|scope| *scope == Scope::Access) {
+            return Err(ApiError::Forbidden(format!(
+                "API key {} has only the access scope, which opens applications and grants nothing on the API",
+                api_key.spec.name
+            )));
+        }
         Ok(Caller { organization_id: api_key.organization_id, api_key })
     }
 }

@@ -193,7 +193,13 @@ impl Db {
                 .await?
         };
         txn.commit().await?;
-        let applications = rows.into_iter().map(super::applications::to_model).collect::<Result<Vec<_>, _>>()?;
+        let mut applications = rows.into_iter().map(super::applications::to_model).collect::<Result<Vec<_>, _>>()?;
+        // Devices get the short code only as a digest (the `access` message), never in clear.
+        for application in &mut applications {
+            if let Some(short_code) = &mut application.spec.access.short_code {
+                short_code.code = None;
+            }
+        }
         Ok(Some(DesiredState { revision: revision(row.desired_revision)?, applications }))
     }
 

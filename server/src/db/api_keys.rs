@@ -56,6 +56,10 @@ pub(super) async fn insert(
     }
     .insert(&write.txn)
     .await?;
+    if spec.scopes.contains(&Scope::Access) {
+        // Devices accept the organization's `access` keys: they must hear of this one.
+        super::access::touch_organization_devices(write, organization_id).await?;
+    }
     Ok(ApiKeyCreated { api_key: to_model(row)?, secret: secret.secret.clone() })
 }
 
@@ -108,6 +112,9 @@ impl Db {
             if API_KEYS.name_taken(&write.txn, organization_id.0, spec.name.as_str(), Some(id.0)).await? {
                 return Err(StoreError::conflict("name", format!("an API key named {} already exists", spec.name)));
             }
+            if current.spec.scopes.contains(&Scope::Access) || spec.scopes.contains(&Scope::Access) {
+                super::access::touch_organization_devices(&write, organization_id).await?;
+            }
             let mut active: api_key::ActiveModel = row.into();
             active.name = Set(spec.name.to_string());
             active.scopes = Set(to_json(&spec.scopes)?);
@@ -123,14 +130,11 @@ impl Db {
     pub async fn delete_api_key(&self, organization_id: OrganizationId, id: ApiKeyId) -> Result<(), StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            let deleted = api_key::Entity::delete_many()
-                .filter(api_key::Column::Id.eq(id.0))
-                .filter(api_key::Column::OrganizationId.eq(organization_id.0))
-                .exec(&write.txn)
-                .await?;
-            if deleted.rows_affected == 0 {
-                return Err(StoreError::NotFound);
+            let row = API_KEYS.row(&write.txn, organization_id.0, id.0).await?;
+            if to_model(row)?.spec.scopes.contains(&Scope::Access) {
+                super::access::touch_organization_devices(&write, organization_id).await?;
             }
+            api_key::Entity::delete_by_id(id.0).exec(&write.txn).await?;
             Ok(())
         }
         .await;

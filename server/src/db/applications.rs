@@ -101,18 +101,6 @@ async fn store_hostnames(
     Ok(())
 }
 
-/// Fills in what the server decides: a generated short code where the policy asks for one
-/// without giving it (keeping the code generated before, on update).
-fn complete(mut spec: ApplicationSpec, previous: Option<&ApplicationSpec>) -> ApplicationSpec {
-    if let Some(short_code) = &mut spec.access.short_code
-        && short_code.code.is_none()
-    {
-        let kept = previous.and_then(|previous| previous.access.short_code.as_ref()).and_then(|old| old.code.clone());
-        short_code.code = Some(kept.unwrap_or_else(crate::secrets::short_code));
-    }
-    spec
-}
-
 async fn check_name(
     write: &Write,
     organization_id: OrganizationId,
@@ -166,7 +154,6 @@ impl Db {
             check_name(&write, organization_id, spec, None).await?;
             super::domains::check_ownership(&write.txn, organization_id, id, &spec.hostnames, policy).await?;
             check_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
-            let spec = complete(spec.clone(), None);
             let row = application::ActiveModel {
                 id: Set(id.0),
                 organization_id: Set(organization_id.0),
@@ -179,6 +166,7 @@ impl Db {
             .insert(&write.txn)
             .await?;
             store_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
+            super::access::sync_short_code(&write.txn, organization_id, id, spec.access.short_code.as_ref()).await?;
             to_model(row)
         }
         .await;
@@ -211,22 +199,22 @@ impl Db {
             let row = APPLICATIONS.row(&write.txn, organization_id.0, id.0).await?;
             check_revision(expected, row.revision)?;
             let current = to_model(row.clone())?;
-            let spec = complete(spec.clone(), Some(&current.spec));
-            if current.spec == spec {
+            if current.spec == *spec {
                 return Ok(current);
             }
-            check_name(&write, organization_id, &spec, Some(id.0)).await?;
+            check_name(&write, organization_id, spec, Some(id.0)).await?;
             super::domains::check_ownership(&write.txn, organization_id, id, &spec.hostnames, policy).await?;
             check_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
             let mut active: application::ActiveModel = row.into();
             active.name = Set(spec.name.to_string());
-            active.spec = Set(to_json(&spec)?);
+            active.spec = Set(to_json(spec)?);
             active.revision = Set(write.revision_column());
             active.updated_at = Set(write.now);
             let updated = active.update(&write.txn).await?;
             if current.spec.hostnames != spec.hostnames {
                 store_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
             }
+            super::access::sync_short_code(&write.txn, organization_id, id, spec.access.short_code.as_ref()).await?;
             if let Some(device) = super::placements::placed_device(&write.txn, id).await? {
                 write.change_desired(&[device]).await?;
             }
@@ -254,6 +242,7 @@ impl Db {
                 .exec(&write.txn)
                 .await?;
             event::Entity::delete_many().filter(event::Column::ApplicationId.eq(id.0)).exec(&write.txn).await?;
+            super::access::delete_application_secrets(&write.txn, id).await?;
             application_hostname::Entity::delete_many()
                 .filter(application_hostname::Column::ApplicationId.eq(id.0))
                 .exec(&write.txn)

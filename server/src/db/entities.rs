@@ -53,6 +53,8 @@ pub mod user {
         pub id: Uuid,
         pub email: String,
         pub created_at: ChronoDateTimeUtc,
+        /// The argon2id hash (PHC string) of the user's login password, if one was set.
+        pub password_hash: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -452,6 +454,99 @@ pub mod application_certificate {
         pub message: Option<String>,
         pub not_after: Option<ChronoDateTimeUtc>,
         pub updated_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// A key login assertions are signed with (`crate::access`). The current one is the newest
+/// not retired; retired ones stay published to devices for a grace period.
+pub mod assertion_key {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "assertion_keys")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub kid: String,
+        /// The PKCS#8 document: sealed with the server key when `sealed`, base64 otherwise.
+        pub pkcs8: String,
+        pub sealed: bool,
+        pub created_at: ChronoDateTimeUtc,
+        pub retired_at: Option<ChronoDateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// A key for one application's `api_key` access policy. Only the SHA-256 of the secret is kept.
+pub mod application_key {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "application_keys")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub organization_id: Uuid,
+        pub application_id: Uuid,
+        pub name: String,
+        pub prefix: String,
+        pub secret_sha256: String,
+        pub expires_at: Option<ChronoDateTimeUtc>,
+        pub revision: i64,
+        pub created_at: ChronoDateTimeUtc,
+        pub updated_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The short code of an application with a `short_code` access policy.
+pub mod short_code {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "short_codes")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub application_id: Uuid,
+        pub organization_id: Uuid,
+        pub code: String,
+        /// Grows with every change of the code.
+        pub version: i64,
+        /// Whether the server generated the code (rather than the spec naming it).
+        pub generated: bool,
+        pub expires_at: Option<ChronoDateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// A session of the server's login pages. Only the SHA-256 of the cookie's secret is kept.
+pub mod login_session {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "login_sessions")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub secret_sha256: String,
+        pub user_id: Uuid,
+        pub created_at: ChronoDateTimeUtc,
+        pub expires_at: ChronoDateTimeUtc,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -17,7 +17,7 @@ const MEMBERS: Scoped<member::Entity> = Scoped {
     row_id: |row| row.id,
 };
 
-fn to_model(row: member::Model) -> Result<Member, StoreError> {
+pub(super) fn to_model(row: member::Model) -> Result<Member, StoreError> {
     Ok(Member {
         id: MemberId(row.id),
         organization_id: OrganizationId(row.organization_id),
@@ -39,9 +39,14 @@ async fn user_for(write: &Write, email: &str) -> Result<UserId, StoreError> {
         return Ok(UserId(row.id));
     }
     let id = UserId::new();
-    user::ActiveModel { id: Set(id.0), email: Set(email.to_owned()), created_at: Set(write.now) }
-        .insert(&write.txn)
-        .await?;
+    user::ActiveModel {
+        id: Set(id.0),
+        email: Set(email.to_owned()),
+        created_at: Set(write.now),
+        password_hash: Set(None),
+    }
+    .insert(&write.txn)
+    .await?;
     Ok(id)
 }
 

@@ -11,7 +11,14 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial), Box::new(Agents), Box::new(DataPath), Box::new(Domains), Box::new(AcmeCertificates)]
+        vec![
+            Box::new(Initial),
+            Box::new(Agents),
+            Box::new(DataPath),
+            Box::new(Domains),
+            Box::new(AcmeCertificates),
+            Box::new(Access),
+        ]
     }
 }
 
@@ -463,6 +470,91 @@ impl MigrationTrait for AcmeCertificates {
                     .to_owned(),
             )
             .await?;
+        Ok(())
+    }
+}
+
+/// Access policies (issue 7): users' password hashes, the Ed25519 keys login assertions are
+/// signed with, application keys (hashes only), short codes, and login sessions of the
+/// server's login pages (hashes of the cookie secrets only).
+struct Access;
+
+impl MigrationName for Access {
+    fn name(&self) -> &str {
+        "m0006_access"
+    }
+}
+
+// See `Initial` for why the lifetime is elided.
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for Access {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let mut password = optional_text("password_hash");
+        manager.alter_table(Table::alter().table(name("users")).add_column(&mut password).to_owned()).await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("assertion_keys"))
+                    .col(ColumnDef::new(name("kid")).text().not_null().primary_key())
+                    .col(text("pkcs8"))
+                    .col(ColumnDef::new(name("sealed")).boolean().not_null())
+                    .col(ColumnDef::new(name("created_at")).timestamp_with_time_zone().not_null())
+                    .col(ColumnDef::new(name("retired_at")).timestamp_with_time_zone().null())
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(owned_table(
+                "application_keys",
+                vec![
+                    ColumnDef::new(name("application_id")).uuid().not_null().to_owned(),
+                    text("name"),
+                    text("prefix"),
+                    text("secret_sha256"),
+                    ColumnDef::new(name("expires_at")).timestamp_with_time_zone().null().to_owned(),
+                ],
+                vec![foreign_key("application_keys", "application_id", "applications")],
+            ))
+            .await?;
+        manager
+            .create_index(unique_index("ux_application_keys_name", "application_keys", &["application_id", "name"]))
+            .await?;
+        manager
+            .create_index(unique_index("ux_application_keys_secret", "application_keys", &["secret_sha256"]))
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("short_codes"))
+                    .col(ColumnDef::new(name("application_id")).uuid().not_null().primary_key())
+                    .col(ColumnDef::new(name("organization_id")).uuid().not_null())
+                    .col(text("code"))
+                    .col(ColumnDef::new(name("version")).big_integer().not_null())
+                    .col(ColumnDef::new(name("generated")).boolean().not_null())
+                    .col(ColumnDef::new(name("expires_at")).timestamp_with_time_zone().null())
+                    .foreign_key(&mut foreign_key("short_codes", "application_id", "applications"))
+                    .foreign_key(&mut foreign_key("short_codes", "organization_id", "organizations"))
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("login_sessions"))
+                    .col(ColumnDef::new(name("secret_sha256")).text().not_null().primary_key())
+                    .col(ColumnDef::new(name("user_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("created_at")).timestamp_with_time_zone().not_null())
+                    .col(ColumnDef::new(name("expires_at")).timestamp_with_time_zone().not_null())
+                    .foreign_key(&mut foreign_key("login_sessions", "user_id", "users"))
+                    .to_owned(),
+            )
+            .await?;
+        manager.create_index(index("ix_login_sessions_user", "login_sessions", &["user_id"])).await?;
         Ok(())
     }
 }

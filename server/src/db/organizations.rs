@@ -137,6 +137,7 @@ impl Db {
                 .filter(application_hostname::Column::OrganizationId.eq(id.0))
                 .exec(txn)
                 .await?;
+            super::access::delete_organization_secrets(txn, id).await?;
             application::Entity::delete_many().filter(application::Column::OrganizationId.eq(id.0)).exec(txn).await?;
             device::Entity::delete_many().filter(device::Column::OrganizationId.eq(id.0)).exec(txn).await?;
             let edges: Vec<uuid::Uuid> = edge::Entity::find()

@@ -1,5 +1,6 @@
 //! One agent's session: `hello`, then `welcome` and a full snapshot, then the pool's `edges`,
-//! then deltas (and a new `edges` when that set changed) when woken, pings, whatever the agent
+//! then `access` (login URL, assertion keys, secrets' digests: `crate::access`), then deltas
+//! (and a new `edges` or `access` when that changed) when woken, pings, whatever the agent
 //! reports (acks, status, events, logs), and certificates for the applications placed on the
 //! device (`certificate_request` → `certificate`, or an `error` naming the application and the
 //! reason): signed at once by the internal CA, or, under `--issuer acme`, ordered from the ACME
@@ -36,6 +37,8 @@ use crate::desired::Offered;
 use crate::logs::LogStore;
 use crate::metrics::Metrics;
 
+/// How often a session re-reads its `access` message when nothing is due to change.
+const ACCESS_RECHECK: Duration = Duration::from_secs(24 * 60 * 60);
 /// The longest message or event text kept, in bytes.
 const MAX_MESSAGE_BYTES: usize = 4096;
 
@@ -85,6 +88,8 @@ pub struct Agents {
     pub acme: Arc<OnceLock<Arc<AcmeIssuer>>>,
     /// Messages for devices' sessions from elsewhere in the server (issued certificates).
     pub outbox: Arc<Outbox>,
+    /// Access policies' settings: what the `access` message carries besides the secrets.
+    pub access: Arc<crate::access::AccessSettings>,
 }
 
 /// Messages waiting for a device's session, which sends them when woken (and when it starts,
@@ -171,6 +176,8 @@ where
         known_applications: HashSet::new(),
         last_seen_write: Instant::now(),
         sent_edges: None,
+        sent_access: None,
+        access_changes_at: None,
     };
     let span = tracing::info_span!("agent", device = %session.device.id);
     let ended = tracing::Instrument::instrument(session.serve(&mut rx), span).await;
@@ -191,6 +198,10 @@ struct Session<Tx> {
     last_seen_write: Instant,
     /// The pool's edges as last sent; `None` before the first `edges`.
     sent_edges: Option<Vec<EdgePeer>>,
+    /// The `access` message as last sent; `None` before the first.
+    sent_access: Option<ServerMessage>,
+    /// When that message changes by itself (a key expires or leaves its grace period).
+    access_changes_at: Option<Instant>,
 }
 
 impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
@@ -303,9 +314,12 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
         .await?;
         self.push_desired(true).await?;
         self.push_edges().await?;
+        self.push_access().await?;
         self.flush_outbox().await?;
         loop {
             let deadline = self.heartbeat.deadline();
+            // Without a pending change, a day away: re-checking then costs nothing.
+            let access_deadline = self.access_changes_at.unwrap_or_else(|| Instant::now() + ACCESS_RECHECK);
             tokio::select! {
                 biased;
                 _ = &mut registration.evicted => {
@@ -330,8 +344,10 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                 () = registration.wake.notified() => {
                     self.push_desired(false).await?;
                     self.push_edges().await?;
+                    self.push_access().await?;
                     self.flush_outbox().await?;
                 }
+                () = sleep_until(access_deadline) => self.push_access().await?,
                 () = sleep_until(deadline) => match self.heartbeat.on_deadline(Instant::now()) {
                     Beat::Ping(nonce) => self.send(&ServerMessage::Ping { nonce }).await?,
                     Beat::Dead => {
@@ -374,6 +390,33 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
         }
         self.send(&ServerMessage::Edges { edges: edges.clone() }).await?;
         self.sent_edges = Some(edges);
+        Ok(())
+    }
+
+    /// Sends what the device's proxy needs to enforce access policies if it differs from what
+    /// was sent last (always, the first time). A key the server cannot open is logged and the
+    /// message skipped: the device keeps what it has, the session goes on.
+    async fn push_access(&mut self) -> Result<(), Ended> {
+        let push = match crate::access::access_message(&self.agents.db, &self.agents.access, self.device.id).await {
+            Ok(push) => push,
+            Err(crate::access::AccessError::Store(error)) => return Err(self.failed(&error).await),
+            Err(error) => {
+                tracing::error!(%error, "cannot compute the access message");
+                self.access_changes_at = None;
+                return Ok(());
+            }
+        };
+        // A second after the change, so that the comparisons in the database have flipped.
+        self.access_changes_at = push.changes_at.map(|at| {
+            let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+            Instant::now() + wait + Duration::from_secs(1)
+        });
+        let message = push.message;
+        if self.sent_access.as_ref() == Some(&message) {
+            return Ok(());
+        }
+        self.send(&message).await?;
+        self.sent_access = Some(message);
         Ok(())
     }
 
@@ -784,6 +827,7 @@ mod tests {
         };
         assert!(applications.is_empty());
         assert_eq!(next_message(&mut frames).await, ServerMessage::Edges { edges: Vec::new() });
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::Access { .. }));
 
         // A placement written through the database wakes the session, which sends the delta.
         let db = &fixture.agents.db;
@@ -826,6 +870,7 @@ mod tests {
         assert!(matches!(next_message(&mut frames).await, ServerMessage::Welcome { .. }));
         assert!(matches!(next_message(&mut frames).await, ServerMessage::ApplicationUpdate { full: true, .. }));
         assert!(matches!(next_message(&mut frames).await, ServerMessage::Edges { .. }));
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::Access { .. }));
 
         let error = AgentMessage::Error { code: ErrorCode::Malformed, message: "cannot read a frame".into() };
         to_server.unbounded_send(Ok(Frame::Text(encode(&error)))).expect("queued");
@@ -841,6 +886,121 @@ mod tests {
         assert!(metrics.contains("edgible_hub_agent_errors_total{code=\"malformed\"} 1"), "{metrics}");
         let rejected = metrics.lines().filter(|line| line.starts_with("edgible_hub_frames_rejected_total")).count();
         assert_eq!(rejected, 1, "only the ack was rejected: {metrics}");
+
+        drop(to_server);
+        assert_eq!(session.await.expect("the session task"), Ended::Disconnected);
+    }
+
+    /// The `access` message of a session, as its parts.
+    async fn next_access(
+        frames: &mut mpsc::UnboundedReceiver<Frame>,
+    ) -> (String, Vec<String>, u64, Vec<edgible::protocol::v1::ApplicationAccess>) {
+        match next_message(frames).await {
+            ServerMessage::Access { login_url, assertion_keys, session_ttl_seconds, applications } => {
+                (login_url, assertion_keys.into_iter().map(|key| key.kid).collect(), session_ttl_seconds, applications)
+            }
+            other => panic!("expected access, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn access_is_pushed_at_start_and_whenever_it_changes() {
+        let fixture = fixture().await;
+        let db = fixture.agents.db.clone();
+        let org = fixture.device.organization_id;
+        let spec = serde_json::json!({
+            "name": "api", "hostnames": ["api.example.test"], "workload": {"process": {"command": "/bin/api"}},
+            "port": 80, "access": {"api_key": {}, "short_code": {"code": "opensesame1"}}
+        });
+        let application = db
+            .create_application(org, &edgible::model::parse_json(spec.to_string().as_bytes()).expect("spec"))
+            .await
+            .expect("application");
+        let placement = PlacementSpec::ServingDevice { application_id: application.id, device_id: fixture.device.id };
+        db.create_placement(org, &placement).await.expect("placement");
+
+        let (to_server, from_test) = mpsc::unbounded::<Result<Frame, Infallible>>();
+        let (to_test, mut frames) = mpsc::unbounded::<Frame>();
+        let session = tokio::spawn(run(fixture.agents.clone(), fixture.device.clone(), to_test, from_test));
+        to_server.unbounded_send(Ok(Frame::Text(hello(&fixture.device, 1)))).expect("queued");
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::Welcome { .. }));
+        let ServerMessage::ApplicationUpdate { applications, .. } = next_message(&mut frames).await else {
+            panic!("expected a snapshot");
+        };
+        let pushed = &applications[0].spec.access;
+        assert!(pushed.short_code.as_ref().is_some_and(|code| code.code.is_none()), "the code is never sent in clear");
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::Edges { .. }));
+
+        // At the start: the login URL, one key, the default TTL, the short code's digest.
+        let (login_url, kids, ttl, access) = next_access(&mut frames).await;
+        assert_eq!(login_url, crate::access::AccessSettings::default().public_url);
+        assert_eq!(kids.len(), 1);
+        assert_eq!(ttl, 300);
+        assert_eq!(access.len(), 1);
+        assert!(access[0].api_keys.is_empty());
+        let short_code = access[0].short_code.clone().expect("the short code");
+        assert_eq!(short_code.sha256, edgible::access::short_code_digest(application.id, "opensesame1"));
+        assert_eq!(short_code.version, 1);
+
+        // A new application key is pushed as its digest; deleting it takes it away again.
+        let key_spec = edgible::model::ApplicationKeySpec { name: "ci".parse().expect("name"), expires_at: None };
+        let secret = NewSecret::application_key();
+        let created = db.create_application_key(org, application.id, &key_spec, &secret).await.expect("key");
+        let (_, _, _, access) = next_access(&mut frames).await;
+        let digests: Vec<&str> = access[0].api_keys.iter().map(|key| key.sha256.as_str()).collect();
+        assert_eq!(digests, [edgible::access::sha256_hex(&secret.secret)]);
+        db.delete_application_key(org, application.id, created.application_key.id).await.expect("deleted");
+        let (_, _, _, access) = next_access(&mut frames).await;
+        assert!(access[0].api_keys.is_empty());
+
+        // An organization key with the access scope counts too; one without it does not.
+        let read_key = edgible::model::ApiKeySpec {
+            name: "reader".parse().expect("name"),
+            scopes: [edgible::model::Scope::Read].into(),
+            expires_at: None,
+        };
+        db.create_api_key(org, &read_key, &NewSecret::api_key()).await.expect("read key");
+        let access_key = edgible::model::ApiKeySpec {
+            name: "opener".parse().expect("name"),
+            scopes: [edgible::model::Scope::Access].into(),
+            expires_at: None,
+        };
+        let opener = NewSecret::api_key();
+        db.create_api_key(org, &access_key, &opener).await.expect("access key");
+        let (_, _, _, access) = next_access(&mut frames).await;
+        let digests: Vec<&str> = access[0].api_keys.iter().map(|key| key.sha256.as_str()).collect();
+        assert_eq!(digests, [edgible::access::sha256_hex(&opener.secret)]);
+
+        // Rotation: a new current key first, the old one still published.
+        let kid = crate::access::rotate_key(&db, &fixture.agents.access).await.expect("rotated");
+        fixture.agents.hub.wake_all();
+        let (_, rotated, _, _) = next_access(&mut frames).await;
+        assert_eq!(rotated.len(), 2);
+        assert_eq!(rotated[0], kid);
+        assert_eq!(rotated[1], kids[0]);
+
+        // A key that expires leaves the message by itself, without any write.
+        let expiring = edgible::model::ApplicationKeySpec {
+            name: "brief".parse().expect("name"),
+            expires_at: Some(chrono::Utc::now() + chrono::TimeDelta::seconds(1)),
+        };
+        db.create_application_key(org, application.id, &expiring, &NewSecret::application_key()).await.expect("key");
+        let (_, _, _, access) = next_access(&mut frames).await;
+        assert_eq!(access[0].api_keys.len(), 2, "the opener and the brief key");
+        let (_, _, _, access) =
+            tokio::time::timeout(Duration::from_secs(10), next_access(&mut frames)).await.expect("resent in time");
+        assert_eq!(access[0].api_keys.len(), 1, "the brief key expired: {access:?}");
+
+        // A change of the spec's code bumps the version.
+        let mut changed = application.spec.clone();
+        changed.access.short_code =
+            Some(edgible::model::ShortCodeAccess { code: Some("opensesame2".into()), expires_at: None });
+        db.update_application(org, application.id, None, &changed).await.expect("updated");
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::ApplicationUpdate { full: false, .. }));
+        let (_, _, _, access) = next_access(&mut frames).await;
+        let short_code = access[0].short_code.clone().expect("the short code");
+        assert_eq!(short_code.sha256, edgible::access::short_code_digest(application.id, "opensesame2"));
+        assert_eq!(short_code.version, 2);
 
         drop(to_server);
         assert_eq!(session.await.expect("the session task"), Ended::Disconnected);

@@ -126,7 +126,7 @@ impl TestAgent {
         Ok(TestAgent { socket: open(served, &enrolled.credential).await?, enrolled: enrolled.clone() })
     }
 
-    /// Sends `hello` and reads the welcome, the snapshot and the pool's edges.
+    /// Sends `hello` and reads the welcome, the snapshot, the pool's edges and `access`.
     pub async fn hello(&mut self, applied: Option<Revision>) -> anyhow::Result<(ServerMessage, Update)> {
         self.send(&AgentMessage::Hello {
             device_id: self.enrolled.device_id,
@@ -142,6 +142,8 @@ impl TestAgent {
         ensure!(snapshot.1, "the first update must be a full snapshot: {snapshot:?}");
         let edges = self.recv().await?;
         ensure!(matches!(edges, ServerMessage::Edges { .. }), "expected the pool's edges, got {edges:?}");
+        let access = self.recv().await?;
+        ensure!(matches!(access, ServerMessage::Access { .. }), "expected access, got {access:?}");
         Ok((welcome, snapshot))
     }
 

@@ -4,6 +4,7 @@
 //!
 //! Run: `cargo test -p edgible-server --test api` (add `EDGIBLE_ACC=1` for PostgreSQL).
 
+mod access;
 mod addresses;
 mod agents;
 mod binary;
@@ -106,4 +107,12 @@ suite! {
     domains::domains_are_verified_with_a_real_dns_query,
     domains::a_second_organization_never_takes_over_a_verified_domain,
     domains::domain_requests_are_validated,
+    access::passwords_are_set_by_admins_of_their_organization,
+    access::application_keys_are_shown_once_and_stored_as_hashes,
+    access::access_keys_grant_nothing_on_the_api,
+    access::short_codes_are_generated_rotated_and_versioned,
+    access::login_flow_signs_assertions_for_members,
+    access::failed_logins_are_rate_limited,
+    access::assertion_keys_rotate_with_a_grace_period,
+    access::revocations_and_rotations_reach_the_device_at_once,
 }

@@ -64,6 +64,18 @@ impl TestApp {
         Ok(TestApp { router: router(state), platform_key: created.admin_key.secret })
     }
 
+    /// The server with access policies configured by `settings`, and its state (for the
+    /// published assertion keys).
+    pub async fn with_access_settings(
+        url: &str,
+        settings: edgible_server::access::AccessSettings,
+    ) -> anyhow::Result<(TestApp, AppState)> {
+        let db = Db::connect(url).await.context("connecting to the test database")?;
+        let created = edgible_server::bootstrap::bootstrap(&db, &"platform".parse()?).await?;
+        let state = AppState::new(db).with_access_settings(settings);
+        Ok((TestApp { router: router(state.clone()), platform_key: created.admin_key.secret }, state))
+    }
+
     /// The server with agent sessions timed by `config`, also served over HTTP on an
     /// ephemeral loopback port (for WebSockets and streamed answers); requests through
     /// [`TestApp::send`] and through the socket reach the same state.
@@ -185,10 +197,30 @@ impl TestRequest {
         self.raw("application/json", body.to_string().into_bytes())
     }
 
+    /// A form body (`application/x-www-form-urlencoded`), as the login page posts it.
+    pub fn form(self, fields: &[(&str, &str)]) -> Self {
+        let body: Vec<String> = fields.iter().map(|(name, value)| format!("{name}={}", form_encode(value))).collect();
+        self.raw("application/x-www-form-urlencoded", body.join("&").into_bytes())
+    }
+
     pub fn raw(mut self, content_type: &str, body: Vec<u8>) -> Self {
         self.body = body;
         self.header(header::CONTENT_TYPE, content_type)
     }
+}
+
+/// Percent-encodes a form or query value.
+pub fn form_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|byte| {
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+                char::from(byte).to_string()
+            } else {
+                format!("%{byte:02X}")
+            }
+        })
+        .collect()
 }
 
 /// A response, its body parsed as JSON when it is JSON (`Null` otherwise).
