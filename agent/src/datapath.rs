@@ -18,13 +18,19 @@
 //!   /32, persistent keepalive) and the proxy's accepted sources.
 //! - Desired applications become the proxy's routes ([`routes`]) and certificates
 //!   ([`certs`]): requested, checked, stored and installed; removed with their application.
-//! - The last tunnel address and edges are remembered in the state directory
+//! - Their access policies, with the server's `access` message (login URL, assertion keys,
+//!   session lifetime, digests of API keys and short codes), become the proxy's access table
+//!   ([`access`]), replaced whole whenever either changes; the table is updated before the
+//!   routes, so a new hostname is never routed before its policy is known.
+//! - The last tunnel address, edges and `access` message are remembered in the state directory
 //!   (`data-path.json`), so an agent restarting while the server is unreachable brings the
-//!   tunnel and the proxy back, serving the certificates it stored.
+//!   tunnel and the proxy back, serving the certificates it stored and enforcing the policies
+//!   it knew.
 //! - A change of the host's IPv4 addresses ([`addresses`]) means the device moved: the tunnel
 //!   is nudged (every edge hears from the new address at once, so WireGuard roaming moves the
 //!   edge's view of the device) and the push session reconnects without waiting.
 
+pub mod access;
 pub mod addresses;
 pub mod certs;
 pub mod edges;
@@ -44,9 +50,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::control::link::{DataPathLink, IssuedCertificate, Welcomed};
+use crate::control::link::{AccessUpdate, DataPathLink, IssuedCertificate, Welcomed};
 use crate::events::EventLog;
-use crate::proxy::{CertificateStore, EdgeSources, Proxy, ProxyConfig, RouteTable};
+use crate::proxy::access::cookies::CookieKey;
+use crate::proxy::{AccessControl, CertificateStore, EdgeSources, Proxy, ProxyConfig, RouteTable};
 use crate::reconcile::DesiredState;
 use crate::state::StateDir;
 use crate::tasks::AbortOnDrop;
@@ -61,6 +68,9 @@ pub const DATA_PATH_FILE: &str = "data-path.json";
 struct Remembered {
     tunnel: Option<Ipv4Net>,
     edges: Vec<EdgePeer>,
+    /// Absent in files of agents before access policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access: Option<AccessUpdate>,
 }
 
 /// How the data path is set up.
@@ -127,6 +137,9 @@ pub struct DataPath {
     events: EventLog,
     store: Arc<CertificateStore>,
     routes: Arc<RouteTable>,
+    access: Arc<AccessControl>,
+    /// The server's last `access` message (or the remembered one).
+    received_access: Option<AccessUpdate>,
     certificates: Certificates,
     requests: mpsc::Sender<crate::control::link::CertificateRequest>,
     reconnect: watch::Sender<u64>,
@@ -157,6 +170,7 @@ pub struct DataPath {
 struct Inputs {
     welcomed: watch::Receiver<Option<Welcomed>>,
     edges: watch::Receiver<Option<Vec<EdgePeer>>>,
+    access: watch::Receiver<Option<AccessUpdate>>,
     certificates: mpsc::Receiver<IssuedCertificate>,
     desired: watch::Receiver<Arc<DesiredState>>,
 }
@@ -173,13 +187,23 @@ impl DataPath {
     ) -> (Self, DataPathInputs) {
         let store = CertificateStore::new();
         let certificates = Certificates::new(state_dir.clone(), Arc::clone(&store), config.request_interval);
-        let DataPathLink { welcomed, edges, certificates: issued, requests, reconnect } = link;
+        let DataPathLink { welcomed, edges, access, certificates: issued, requests, reconnect } = link;
+        let key = match state_dir.cookie_key() {
+            Ok(key) => CookieKey::new(key),
+            Err(error) => {
+                // Safe, not open: sessions then last only as long as this process.
+                tracing::error!(%error, "cannot keep the proxy's cookie key; sessions end when the agent restarts");
+                CookieKey::random()
+            }
+        };
         let data_path = Self {
             config,
             state_dir,
             events,
             store,
             routes: RouteTable::new(),
+            access: AccessControl::new(key),
+            received_access: None,
             certificates,
             requests,
             reconnect,
@@ -197,7 +221,7 @@ impl DataPath {
             host_addresses: None,
             nudges_pending: 0,
         };
-        let inputs = Inputs { welcomed, edges, certificates: issued, desired };
+        let inputs = Inputs { welcomed, edges, access, certificates: issued, desired };
         (data_path, DataPathInputs(inputs))
     }
 
@@ -211,6 +235,11 @@ impl DataPath {
         Arc::clone(&self.routes)
     }
 
+    /// The proxy's access policies.
+    pub fn access_control(&self) -> Arc<AccessControl> {
+        Arc::clone(&self.access)
+    }
+
     pub fn status(&self) -> watch::Receiver<DataPathStatus> {
         self.status.subscribe()
     }
@@ -218,7 +247,7 @@ impl DataPath {
     /// Runs until `shutdown` turns true (or its sender is dropped), then stops the proxy and
     /// removes the tunnel.
     pub async fn run(mut self, inputs: DataPathInputs, mut shutdown: watch::Receiver<bool>) {
-        let Inputs { mut welcomed, mut edges, mut certificates, mut desired } = inputs.0;
+        let Inputs { mut welcomed, mut edges, mut access, mut certificates, mut desired } = inputs.0;
         // What the state directory remembers is served at once, whether or not the server answers.
         let initial = Arc::clone(&desired.borrow_and_update());
         self.desired_changed(initial);
@@ -238,6 +267,11 @@ impl DataPath {
                 list = changed(&mut edges) => {
                     if let Some(list) = list {
                         self.edges_changed(list).await;
+                    }
+                }
+                update = changed(&mut access) => {
+                    if let Some(update) = update {
+                        self.access_changed(update);
                     }
                 }
                 state = changed(&mut desired) => self.desired_changed(state),
@@ -305,6 +339,11 @@ impl DataPath {
         tracing::info!(tunnel = ?remembered.tunnel, edges = remembered.edges.len(), "resuming the last data path");
         self.wanted = remembered.tunnel;
         self.edges = remembered.edges;
+        // A newer message may have arrived before the file was read; it wins.
+        if self.received_access.is_none() && remembered.access.is_some() {
+            self.received_access = remembered.access;
+            self.apply_access();
+        }
         self.resolve().await;
         self.ensure_running().await;
         self.apply_edges();
@@ -312,7 +351,8 @@ impl DataPath {
 
     /// Writes what the server said last, for the next start.
     fn remember(&self) {
-        let remembered = Remembered { tunnel: self.wanted, edges: self.edges.clone() };
+        let remembered =
+            Remembered { tunnel: self.wanted, edges: self.edges.clone(), access: self.received_access.clone() };
         // Addresses, keys and strings always serialize.
         let bytes = serde_json::to_vec_pretty(&remembered).unwrap_or_default();
         if let Err(error) = self.state_dir.write_file(DATA_PATH_FILE, &bytes) {
@@ -349,7 +389,22 @@ impl DataPath {
         }
     }
 
+    fn access_changed(&mut self, update: AccessUpdate) {
+        tracing::info!(applications = update.applications.len(), "the access configuration changed");
+        self.received_access = Some(update);
+        self.remember();
+        self.apply_access();
+    }
+
+    /// Hands the policies of the desired applications, with the server's settings and
+    /// secrets, to the proxy.
+    fn apply_access(&self) {
+        self.access.replace(access::table(&self.desired, self.received_access.as_ref()));
+    }
+
     fn desired_changed(&mut self, desired: Arc<DesiredState>) {
+        // Policies first: a new hostname must not be routed while its policy is unknown.
+        self.access.replace(access::table(&desired, self.received_access.as_ref()));
         self.routes.replace(routes::routes(&desired));
         self.desired = desired;
         self.request_certificates();
@@ -428,7 +483,14 @@ impl DataPath {
     async fn bind_proxy(&mut self, address: Ipv4Addr) {
         let listen = SocketAddr::from((address, self.config.proxy_port));
         let config = ProxyConfig::new(listen, edges::sources(&self.edges));
-        match Proxy::bind(config, Arc::clone(&self.store), Arc::clone(&self.routes)).await {
+        match Proxy::bind_with_access(
+            config,
+            Arc::clone(&self.store),
+            Arc::clone(&self.routes),
+            Arc::clone(&self.access),
+        )
+        .await
+        {
             Ok(proxy) => {
                 let address = proxy.local_addr().unwrap_or(listen);
                 let sources = proxy.edges();
@@ -524,7 +586,7 @@ mod tests {
     use edgible::model::Hostname;
 
     use super::*;
-    use crate::control::link::{IssuedCertificate, link};
+    use crate::control::link::{AccessUpdate, IssuedCertificate, link};
     use crate::datapath::certs::tests::TestCa;
     use crate::proxy::Route;
     use crate::reconcile::DesiredUpdate;
@@ -606,6 +668,79 @@ mod tests {
             store.find("web.example.test").is_none() && routes.find("web.example.test").is_none()
         })
         .await;
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    /// Asks the proxy's access check about one request for `web.example.test`.
+    async fn status_of(access: &AccessControl, key: Option<&str>) -> http::StatusCode {
+        use bytes::Bytes;
+        use http_body_util::Full;
+        let mut request = http::Request::get("/").header(http::header::HOST, "web.example.test");
+        if let Some(key) = key {
+            request = request.header("x-edgible-key", key);
+        }
+        let request = request.body(Full::new(Bytes::new())).unwrap();
+        let visit = crate::proxy::access::Visit::now("web.example.test", "203.0.113.7:40000".parse().unwrap());
+        match access.authorize(request, &visit).await {
+            Ok(_) => http::StatusCode::OK,
+            Err(response) => response.status(),
+        }
+    }
+
+    #[tokio::test]
+    async fn policies_follow_desired_state_and_access_and_survive_a_restart_without_the_server() {
+        use edgible::model::ApiKeyAccess;
+        use edgible::protocol::v1::{AccessKeyDigest, ApplicationAccess};
+
+        let temp = tempfile::tempdir().unwrap();
+        let mut web = application("web", 1, "serve");
+        web.spec.hostnames = vec!["web.example.test".parse::<Hostname>().unwrap()];
+        web.spec.access.api_key = Some(ApiKeyAccess {});
+        let mut state = DesiredState::default();
+        state.apply(DesiredUpdate::full(1, vec![web.clone()]));
+        let desired_state = Arc::new(state);
+        let start = |link| {
+            let (_desired, desired_rx) = watch::channel(Arc::clone(&desired_state));
+            let config = DataPathConfig::new("not a name", 0, PrivateKey::generate().unwrap());
+            let (data_path, inputs) =
+                DataPath::new(config, StateDir::open(temp.path()).unwrap(), link, desired_rx, EventLog::new(64));
+            let access = data_path.access_control();
+            let (stop, stopped) = watch::channel(false);
+            (access, stop, tokio::spawn(data_path.run(inputs, stopped)), _desired)
+        };
+
+        let (session, data_path_link) = link();
+        let (access, stop, task, _desired) = start(data_path_link);
+        // The policy is known, the server's keys are not: refused, never open.
+        eventually("the policy in the table", || {
+            access.snapshot().settings().is_none() && !access.allows_raw("web.example.test")
+        })
+        .await;
+        assert_eq!(status_of(&access, Some("edg_key")).await, http::StatusCode::SERVICE_UNAVAILABLE);
+
+        session.access(AccessUpdate {
+            login_url: "https://login.example.test".into(),
+            assertion_keys: Vec::new(),
+            session_ttl_seconds: 300,
+            applications: vec![ApplicationAccess {
+                application_id: web.id,
+                api_keys: vec![AccessKeyDigest { sha256: edgible::access::sha256_hex("edg_key"), expires_at: None }],
+                short_code: None,
+            }],
+        });
+        eventually("the access configuration", || access.snapshot().settings().is_some()).await;
+        assert_eq!(status_of(&access, Some("edg_key")).await, http::StatusCode::OK);
+        assert_eq!(status_of(&access, None).await, http::StatusCode::UNAUTHORIZED);
+        stop.send(true).unwrap();
+        task.await.unwrap();
+
+        // A restart without the server enforces what was remembered.
+        let (_session, data_path_link) = link();
+        let (access, stop, task, _desired) = start(data_path_link);
+        eventually("the remembered access configuration", || access.snapshot().settings().is_some()).await;
+        assert_eq!(status_of(&access, Some("edg_key")).await, http::StatusCode::OK);
+        assert_eq!(status_of(&access, Some("edg_other")).await, http::StatusCode::UNAUTHORIZED);
         stop.send(true).unwrap();
         task.await.unwrap();
     }

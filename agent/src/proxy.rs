@@ -11,8 +11,11 @@
 //! - [`edgible::proxy_protocol`]: the pure PROXY v2 codec, shared with the edge that encodes it.
 //! - [`tls`]: the certificate store, swappable while connections run, and the SNI resolver.
 //! - [`http`]: the reverse proxy service.
+//! - [`access`]: the access policies every HTTP request passes first (login sessions, API keys,
+//!   short codes); raw TCP is spliced only for public applications.
 //! - `idle`: the raw mode's splice with an idle timeout.
 
+pub mod access;
 pub mod http;
 mod idle;
 pub mod tls;
@@ -34,6 +37,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, warn};
 
+pub use self::access::{AccessControl, AccessSettings, AccessTable, ApplicationGate};
 pub use self::tls::{CertificateError, CertificateStore};
 
 /// Why the proxy could not start.
@@ -174,6 +178,11 @@ pub struct ProxyMetrics {
     pub misdirected: AtomicU64,
     /// Requests answered 502 because the workload could not be reached.
     pub bad_gateway: AtomicU64,
+    /// Requests the access policies answered instead of the workload (refusals, logins,
+    /// redirects, the short-code form).
+    pub access_answered: AtomicU64,
+    /// Raw TCP connections closed because their application has an access policy.
+    pub raw_refused: AtomicU64,
 }
 
 impl ProxyMetrics {
@@ -194,16 +203,30 @@ struct Shared {
     edges: Arc<EdgeSources>,
     tls: tls::ServerConfigs,
     routes: Arc<RouteTable>,
+    access: Arc<AccessControl>,
     metrics: Arc<ProxyMetrics>,
 }
 
 impl Proxy {
     /// Binds the listener; certificates and routes are read from `certificates` and `routes`
-    /// at each connection, so both may change while the proxy runs.
+    /// at each connection, so both may change while the proxy runs. Every application is
+    /// public (identity headers are still stripped); see [`Proxy::bind_with_access`].
     pub async fn bind(
         config: ProxyConfig,
         certificates: Arc<CertificateStore>,
         routes: Arc<RouteTable>,
+    ) -> Result<Self, ProxyError> {
+        let access = AccessControl::new(access::cookies::CookieKey::random());
+        Self::bind_with_access(config, certificates, routes, access).await
+    }
+
+    /// [`Proxy::bind`], with every request checked against `access`, whose table may be
+    /// replaced while the proxy runs.
+    pub async fn bind_with_access(
+        config: ProxyConfig,
+        certificates: Arc<CertificateStore>,
+        routes: Arc<RouteTable>,
+        access: Arc<AccessControl>,
     ) -> Result<Self, ProxyError> {
         let tls = tls::server_configs(certificates)?;
         let listener = TcpListener::bind(config.listen)
@@ -214,6 +237,7 @@ impl Proxy {
             config,
             tls,
             routes,
+            access,
             metrics: Arc::new(ProxyMetrics::default()),
         };
         Ok(Self { listener, shared: Arc::new(shared) })
@@ -350,6 +374,11 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
             return;
         }
     };
+    if route.raw_tcp && !shared.access.allows_raw(&server_name) {
+        ProxyMetrics::count(&metrics.raw_refused);
+        warn!(%client, %server_name, "closed a raw TCP connection: its application has an access policy, which needs HTTP");
+        return;
+    }
     ProxyMetrics::count(&metrics.served_connections);
     if route.raw_tcp {
         splice_raw(tls, route.port, &shared.config, client).await;
@@ -361,6 +390,7 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
         port: route.port,
         connect_timeout: shared.config.connect_timeout,
         metrics: shared.metrics.clone(),
+        access: shared.access.clone(),
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(shared.config.header_timeout);

@@ -4,7 +4,8 @@
 //! STATE_DIR/            mode 0700
 //!   state.json          mode 0600: last desired state, applied revision, what runs
 //!   identity.json       mode 0600: the server, the device id and public key (`enroll`)
-//!   secrets/NAME        mode 0600: the device credential, the WireGuard private key
+//!   secrets/NAME        mode 0600: the device credential, the WireGuard private key, the
+//!                       proxy's cookie key (`cookie-key`, 32 random bytes, made once)
 //!   certs/APP_ID.key    mode 0600: each application's TLS private key (the data path)
 //!   certs/APP_ID.pem    its certificate chain, as the server signed it
 //!   logs/               output files of process workloads
@@ -33,6 +34,8 @@ pub const STATE_FORMAT: u32 = 1;
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "lock";
+/// The secret holding the proxy's cookie key.
+const COOKIE_KEY: &str = "cookie-key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -239,6 +242,20 @@ impl StateDir {
         Ok(names)
     }
 
+    /// The key the proxy signs its cookies with: 32 random bytes, made at the first call and
+    /// kept as the secret `cookie-key`, so that sessions survive a restart. A file of another
+    /// length (damaged) is replaced, which only ends the sessions signed with it.
+    pub fn cookie_key(&self) -> Result<[u8; 32], StateError> {
+        if let Some(bytes) = self.read_secret(COOKIE_KEY)?
+            && let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice())
+        {
+            return Ok(key);
+        }
+        let key = crate::proxy::access::cookies::random_bytes();
+        self.write_secret(COOKIE_KEY, &key)?;
+        Ok(key)
+    }
+
     fn secret_path(&self, name: &str) -> Result<PathBuf, StateError> {
         Ok(self.root.join("secrets").join(checked_name(name)?))
     }
@@ -362,6 +379,21 @@ mod tests {
         assert!(matches!(dir.lock(), Err(StateError::Locked(_))));
         drop(lock);
         dir.lock().expect("free again");
+    }
+
+    #[test]
+    fn the_cookie_key_is_made_once_privately_and_a_damaged_one_replaced() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = StateDir::open(temp.path()).expect("open");
+        let key = dir.cookie_key().expect("made");
+        assert_eq!(mode(&dir.root().join("secrets").join(COOKIE_KEY)), 0o600);
+        assert_eq!(dir.cookie_key().expect("read back"), key);
+        assert_eq!(StateDir::open(temp.path()).expect("reopen").cookie_key().expect("read back"), key);
+        assert_ne!(key, [0u8; 32]);
+        dir.write_secret(COOKIE_KEY, b"short").expect("damage");
+        let replaced = dir.cookie_key().expect("replaced");
+        assert_ne!(replaced, key);
+        assert_eq!(dir.cookie_key().expect("read back"), replaced);
     }
 
     #[test]

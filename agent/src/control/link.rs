@@ -2,7 +2,7 @@
 //!
 //! The session is the only connection to the server, but it knows nothing of tunnels, proxies
 //! or certificates: it forwards what the server says about them (the pool's tunnel network in
-//! `welcome`, `edges`, `certificate`) and sends the `certificate_request`s the data path queues.
+//! `welcome`, `edges`, `certificate`, `access`) and sends the `certificate_request`s the data path queues.
 //! The data path in turn asks the session to reconnect at once when the device moved networks.
 //! [`link`] makes the two halves: [`SessionLink`] for [`super::run`], [`DataPathLink`] for the
 //! data path. Values that are "the latest state" travel in watches (a reconnecting session
@@ -11,9 +11,11 @@
 use std::net::Ipv4Addr;
 
 use chrono::{DateTime, Utc};
+use edgible::access::AssertionKey;
 use edgible::model::{ApplicationId, Hostname};
-use edgible::protocol::v1::EdgePeer;
+use edgible::protocol::v1::{ApplicationAccess, EdgePeer};
 use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, MutexGuard, mpsc, watch};
 
 /// Certificates received and not yet taken by the data path; beyond this they are dropped
@@ -43,6 +45,16 @@ pub struct IssuedCertificate {
     pub not_after: DateTime<Utc>,
 }
 
+/// What the server's `access` message said: what the proxy needs to enforce access policies.
+/// Always the whole set; the data path remembers the last one across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessUpdate {
+    pub login_url: String,
+    pub assertion_keys: Vec<AssertionKey>,
+    pub session_ttl_seconds: u64,
+    pub applications: Vec<ApplicationAccess>,
+}
+
 /// A `certificate_request` to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateRequest {
@@ -56,6 +68,7 @@ pub struct CertificateRequest {
 pub struct SessionLink {
     welcomed: watch::Sender<Option<Welcomed>>,
     edges: watch::Sender<Option<Vec<EdgePeer>>>,
+    access: watch::Sender<Option<AccessUpdate>>,
     certificates: mpsc::Sender<IssuedCertificate>,
     /// Locked by the writer of the current session for its whole life.
     requests: Mutex<mpsc::Receiver<CertificateRequest>>,
@@ -68,6 +81,8 @@ pub struct DataPathLink {
     pub welcomed: watch::Receiver<Option<Welcomed>>,
     /// The pool's edges as last sent: the whole set each time.
     pub edges: watch::Receiver<Option<Vec<EdgePeer>>>,
+    /// The access configuration as last sent: the whole of it each time.
+    pub access: watch::Receiver<Option<AccessUpdate>>,
     pub certificates: mpsc::Receiver<IssuedCertificate>,
     pub requests: mpsc::Sender<CertificateRequest>,
     /// Bumped to make the session reconnect now (the device's addresses changed).
@@ -78,12 +93,14 @@ pub struct DataPathLink {
 pub fn link() -> (SessionLink, DataPathLink) {
     let (welcomed_tx, welcomed_rx) = watch::channel(None);
     let (edges_tx, edges_rx) = watch::channel(None);
+    let (access_tx, access_rx) = watch::channel(None);
     let (certificates_tx, certificates_rx) = mpsc::channel(CERTIFICATE_QUEUE);
     let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
     let (reconnect_tx, reconnect_rx) = watch::channel(0);
     let session = SessionLink {
         welcomed: welcomed_tx,
         edges: edges_tx,
+        access: access_tx,
         certificates: certificates_tx,
         requests: Mutex::new(requests_rx),
         reconnect: reconnect_rx,
@@ -91,6 +108,7 @@ pub fn link() -> (SessionLink, DataPathLink) {
     let data_path = DataPathLink {
         welcomed: welcomed_rx,
         edges: edges_rx,
+        access: access_rx,
         certificates: certificates_rx,
         requests: requests_tx,
         reconnect: reconnect_tx,
@@ -109,6 +127,11 @@ impl SessionLink {
 
     pub fn edges(&self, edges: Vec<EdgePeer>) {
         self.edges.send_replace(Some(edges));
+    }
+
+    /// The server's access configuration, replacing the previous one.
+    pub fn access(&self, access: AccessUpdate) {
+        self.access.send_replace(Some(access));
     }
 
     /// Hands a certificate over without waiting: the reader must never block on the data path.

@@ -5,8 +5,8 @@
 //! channels. After `welcome` it runs three parts concurrently in the caller's task:
 //!
 //! - The reader takes every frame the server sends, decodes it with the bounded
-//!   `protocol::decode`, queues `application_update`s and `pong`s, and hands `edges` and
-//!   `certificate`s to the data path through the [`SessionLink`] without waiting for it. A
+//!   `protocol::decode`, queues `application_update`s and `pong`s, and hands `edges`,
+//!   `certificate`s and `access` to the data path through the [`SessionLink`] without waiting for it. A
 //!   frame it cannot read is logged, counted and answered with an `error` frame, and the
 //!   session goes on; an `error` from the server is logged and never answered, so errors
 //!   cannot bounce between the two. Silence longer than a few of the server's ping intervals
@@ -35,7 +35,7 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 
-use super::link::{CertificateRequest, IssuedCertificate, SessionLink};
+use super::link::{AccessUpdate, CertificateRequest, IssuedCertificate, SessionLink};
 use super::transport::Frame;
 use super::{ControlConfig, Local};
 use crate::reconcile::{DesiredUpdate, ReconcileError, UpdateOutcome};
@@ -380,6 +380,14 @@ impl<L: Local + ?Sized> Session<'_, L> {
             ServerMessage::Certificate { application_id, chain_pem, hostnames, not_after } => {
                 tracing::debug!(%application_id, %not_after, "a certificate");
                 self.link.certificate(IssuedCertificate { application_id, chain_pem, hostnames, not_after });
+            }
+            ServerMessage::Access { login_url, assertion_keys, session_ttl_seconds, applications } => {
+                tracing::debug!(
+                    keys = assertion_keys.len(),
+                    applications = applications.len(),
+                    "the access configuration"
+                );
+                self.link.access(AccessUpdate { login_url, assertion_keys, session_ttl_seconds, applications });
             }
             _ => {}
         }
@@ -1049,7 +1057,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_data_path_hears_welcome_edges_and_certificates_and_its_requests_are_sent() {
+    async fn the_data_path_hears_welcome_edges_certificates_and_access_and_its_requests_are_sent() {
         let local = Arc::new(FakeLocal::new(true));
         let (mut server, _stats, _stop, outcome, mut data_path) =
             start_linked(ControlConfig::default(), Arc::clone(&local), 64);
@@ -1078,6 +1086,25 @@ mod tests {
         server.send(&ServerMessage::Edges { edges: vec![edge.clone()] }).await;
         let edges = data_path.edges.wait_for(Option::is_some).await.expect("the link is up").clone();
         assert_eq!(edges, Some(vec![edge]));
+
+        let access = ServerMessage::Access {
+            login_url: "https://login.example.test".into(),
+            assertion_keys: vec![edgible::access::AssertionKey { kid: "k1".into(), public_key: "AAAA".into() }],
+            session_ttl_seconds: 300,
+            applications: vec![edgible::protocol::v1::ApplicationAccess {
+                application_id: ApplicationId::new(),
+                api_keys: Vec::new(),
+                short_code: None,
+            }],
+        };
+        server.send(&access).await;
+        let received = data_path.access.wait_for(Option::is_some).await.expect("the link is up").clone();
+        let received = received.expect("an access configuration");
+        assert_eq!(
+            (received.login_url.as_str(), received.assertion_keys.len(), received.session_ttl_seconds),
+            ("https://login.example.test", 1, 300)
+        );
+        assert_eq!(received.applications.len(), 1);
 
         let application_id = ApplicationId::new();
         let certificate = ServerMessage::Certificate {

@@ -1,5 +1,6 @@
 //! The reverse proxy service: one per TLS connection, forwarding each request to the workload
-//! on `127.0.0.1:PORT` over HTTP/1.1 with streaming bodies both ways and upgrade pass-through.
+//! on `127.0.0.1:PORT` over HTTP/1.1 with streaming bodies both ways and upgrade pass-through,
+//! once the application's access policies ([`super::access`]) let it through.
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -10,14 +11,16 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Uri};
 use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::ProxyMetrics;
+use super::access::pages::page;
+use super::access::{AccessControl, Visit};
 
 /// The body of every answer: the workload's streamed body, or a small page of our own.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -36,10 +39,6 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Identity headers the device's access policies will set; a client must never supply them.
-const IDENTITY_HEADERS: [HeaderName; 2] =
-    [HeaderName::from_static("x-edgible-user"), HeaderName::from_static("x-edgible-email")];
-
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -55,6 +54,8 @@ pub struct RequestContext {
     pub port: u16,
     pub connect_timeout: Duration,
     pub metrics: Arc<ProxyMetrics>,
+    /// The access policies each request is checked against.
+    pub access: Arc<AccessControl>,
 }
 
 /// The per-connection service handed to hyper; cheap to clone.
@@ -68,9 +69,10 @@ impl ProxyService {
         Self { context: Arc::new(context) }
     }
 
-    /// Answers one request: 421 when its host is not the SNI name, 502 when the workload is
-    /// unreachable, otherwise the workload's answer.
-    pub async fn handle(&self, mut request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    /// Answers one request: 421 when its host is not the SNI name, the access policies' answer
+    /// when they do not let it through, 502 when the workload is unreachable, otherwise the
+    /// workload's answer.
+    pub async fn handle(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
         let context = &self.context;
         ProxyMetrics::count(&context.metrics.requests);
         let Some(authority) = matching_authority(&request, &context.server_name) else {
@@ -80,6 +82,14 @@ impl ProxyService {
                 "Misdirected request",
                 "This host is not served on this connection.",
             ));
+        };
+        let visit = Visit::now(&context.server_name, context.client);
+        let mut request = match context.access.authorize(request, &visit).await {
+            Ok(request) => request,
+            Err(answer) => {
+                ProxyMetrics::count(&context.metrics.access_answered);
+                return Ok(answer);
+            }
         };
         let upgrade = upgrade_protocol(&request);
         // Must be taken before the request is consumed: it resolves once hyper has sent our
@@ -141,7 +151,8 @@ impl ProxyService {
     }
 
     /// The request as the workload sees it: origin-form URI over HTTP/1.1, the client's host,
-    /// no hop-by-hop or identity headers, and `X-Forwarded-*` set by us alone.
+    /// no hop-by-hop headers, and `X-Forwarded-*` set by us alone. `X-Edgible-*` headers were
+    /// already replaced by the access check.
     fn upstream_request(
         &self,
         request: Request<Incoming>,
@@ -154,9 +165,6 @@ impl ProxyService {
         parts.version = Version::HTTP_11;
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
-        for name in IDENTITY_HEADERS {
-            headers.remove(name);
-        }
         if let Some(protocol) = upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol);
@@ -247,20 +255,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.into_iter().chain(HOP_BY_HOP) {
         headers.remove(name);
     }
-}
-
-/// A small HTML page of our own.
-fn page(status: StatusCode, title: &str, message: &str) -> Response<ProxyBody> {
-    let html = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{code} {title}</title></head>\
-         <body><h1>{code} {title}</h1><p>{message}</p></body></html>\n",
-        code = status.as_u16()
-    );
-    let mut response = Response::new(Full::new(Bytes::from(html)).map_err(|never| match never {}).boxed());
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
 }
 
 #[cfg(test)]
