@@ -157,8 +157,7 @@ impl EdgibleProvider {
             return Ok(Value::Null);
         }
         let client = self.client()?;
-        let id = current.get("id").as_str().unwrap_or_default().to_owned();
-        match self.interruptible(resource.read(&client, &id)).await? {
+        match self.interruptible(resource.refresh(&client, current)).await? {
             Some(fresh) => {
                 Ok(planning::reconcile(&resource.schema().block, fresh, current, Against::Prior).unknowns_to_null())
             }
@@ -607,6 +606,7 @@ mod tests {
             [
                 "edgible_api_key",
                 "edgible_application",
+                "edgible_application_key",
                 "edgible_device",
                 "edgible_device_pool",
                 "edgible_domain",

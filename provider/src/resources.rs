@@ -3,6 +3,7 @@
 
 mod api_key;
 mod application;
+mod application_key;
 pub(crate) mod device;
 mod device_pool;
 mod domain;
@@ -25,6 +26,7 @@ use crate::value::Value;
 
 pub use api_key::ApiKeyModel;
 pub use application::ApplicationModel;
+pub use application_key::ApplicationKeyResource;
 pub use device::DeviceModel;
 pub use device_pool::DevicePoolModel;
 pub use domain::DomainModel;
@@ -40,8 +42,15 @@ pub trait ManagedResource: Send + Sync {
     /// span values, and, once everything is known, the full model validation.
     fn validate(&self, config: &Value) -> Diagnostics;
     async fn create(&self, client: &Client, planned: &Value) -> Result<Value, Diagnostics>;
-    /// The object with this id, or `None` when it no longer exists.
+    /// The object with this id (as `terraform import` gives it), or `None` when it no longer
+    /// exists.
     async fn read(&self, client: &Client, id: &str) -> Result<Option<Value>, Diagnostics>;
+    /// The object a state describes, or `None` when it no longer exists. Objects found by
+    /// their id alone need nothing but `read`; objects below another one (an application's
+    /// keys) find their parent in the state.
+    async fn refresh(&self, client: &Client, current: &Value) -> Result<Option<Value>, Diagnostics> {
+        self.read(client, current.get("id").as_str().unwrap_or_default()).await
+    }
     async fn update(&self, client: &Client, prior: &Value, planned: &Value) -> Result<Value, Diagnostics>;
     async fn delete(&self, client: &Client, prior: &Value) -> Result<(), Diagnostics>;
 }
@@ -56,6 +65,7 @@ pub fn all() -> Vec<Box<dyn ManagedResource>> {
         Box::new(Managed::<ApiKeyModel>::new()),
         Box::new(Managed::<EdgeModel>::new()),
         Box::new(Managed::<DomainModel>::new()),
+        Box::new(ApplicationKeyResource),
     ]
 }
 
@@ -176,6 +186,18 @@ where
     fn failed(action: &str, error: &ClientError) -> Diagnostics {
         client_error(&format!("{action} the {}", M::NOUN), error, |field| Self::block().path_of(field)).into()
     }
+
+    /// The observed values right after a write, for the ones the plan left unknown (all of
+    /// them on a creation; those that change on write on an update); the apply keeps the
+    /// ones the plan knew. The object exists by now, so failing to read them must not fail
+    /// the apply (Terraform would lose the object): they stay null until the next refresh.
+    fn merge_observed_after_write(state: &mut Value, observed: Result<Vec<(&'static str, Value)>, ClientError>) {
+        if let Ok(observed) = observed {
+            for (name, value) in observed {
+                state.set(name, value);
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -213,6 +235,8 @@ where
         for (name, value) in write_once {
             state.set(name, value);
         }
+        let observed = M::observed(client, &object).await;
+        Self::merge_observed_after_write(&mut state, observed);
         Ok(state)
     }
 
@@ -238,7 +262,10 @@ where
         let revision = prior.get("revision").as_i64().and_then(|revision| u64::try_from(revision).ok());
         let object =
             client.update::<M::Object>(&id, revision, &spec).await.map_err(|error| Self::failed("update", &error))?;
-        Self::state(&object)
+        let mut state = Self::state(&object)?;
+        let observed = M::observed(client, &object).await;
+        Self::merge_observed_after_write(&mut state, observed);
+        Ok(state)
     }
 
     async fn delete(&self, client: &Client, prior: &Value) -> Result<(), Diagnostics> {

@@ -73,7 +73,7 @@ resource "edgible_application" "tool" {
     }
   }
 
-  # Anyone with the short code the server generates (see the `code` attribute).
+  # Anyone with the short code the server generates (see the `short_code` attribute).
   access {
     short_code {}
   }
@@ -97,5 +97,6 @@ resource "edgible_application" "sandbox" {
 }
 
 output "tool_short_code" {
-  value = edgible_application.tool.access.short_code.code
+  value     = edgible_application.tool.short_code
+  sensitive = true
 }

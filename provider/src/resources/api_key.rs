@@ -24,9 +24,11 @@ static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
                 Attribute::required(
                     "scopes",
                     Type::set(Type::String),
-                    "What the key may do: `read`, `write` (implies read) or `admin` (keys and members, implies write).",
+                    "What the key may do: `read`, `write` (implies read) or `admin` (keys and members, implies write); \
+                     or `access`, which only lets requests through the `api_key` access policy of the organization's \
+                     applications and grants nothing on the API.",
                 )
-                .check(Check::OneOf(&["read", "write", "admin", "platform"])),
+                .check(Check::OneOf(&["read", "write", "admin", "platform", "access"])),
             )
             .attribute(
                 Attribute::optional(
@@ -93,5 +95,16 @@ mod tests {
         let paths: Vec<String> =
             diagnostics.0.iter().map(|d| d.path.as_ref().map(ToString::to_string).unwrap_or_default()).collect();
         assert_eq!(paths, ["scopes", "expires_at"]);
+    }
+
+    #[test]
+    fn the_access_scope_is_accepted() {
+        let config =
+            Value::from_json(&serde_json::json!({"name": "robot", "scopes": ["access"]}), &SCHEMA.value_type())
+                .unwrap();
+        let resource = Managed::<ApiKeyModel>::new();
+        assert!(resource.validate(&config).is_empty(), "{}", resource.validate(&config));
+        let spec = Managed::<ApiKeyModel>::spec(&config).unwrap();
+        assert_eq!(spec.scopes.into_iter().collect::<Vec<_>>(), [edgible::model::Scope::Access]);
     }
 }

@@ -57,6 +57,17 @@ static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
                 "The application's certificate as last refreshed: `valid`, `pending` (an ACME order is running) or \
                  `failed: <reason>` (the device keeps serving the previous one); null until its device asked for one.",
             ))
+            .attribute(
+                Attribute::computed(
+                    "short_code",
+                    Type::String,
+                    "The code that passes the `short_code` access policy (the one set in `access.short_code.code`, or \
+                     the one the server generated), read on every refresh, so a rotation through the API shows up; \
+                     null without that policy.",
+                )
+                .sensitive()
+                .changes_on_write(),
+            )
             .attribute(Attribute::computed(
                 "certificate_expires_at",
                 Type::String,
@@ -169,14 +180,21 @@ fn access_block() -> Block {
             .check(Check::OneOf(&["owner", "admin", "member"])),
         ),
     ))
-    .block(NestedBlock::single("api_key", Block::new("Holders of an API key of the organization.")))
+    .block(NestedBlock::single(
+        "api_key",
+        Block::new(
+            "Holders of a key of the application (`edgible_application_key`) or of an organization API key with the \
+             `access` scope.",
+        ),
+    ))
     .block(NestedBlock::single(
         "short_code",
         Block::new("Anyone who knows a short code.")
-            .attribute(Attribute::optional_computed(
+            .attribute(Attribute::optional(
                 "code",
                 Type::String,
-                "The code (6-64 letters and digits); the server generates one when left out.",
+                "The code (6-64 letters and digits). When left out, the server generates one, which the \
+                 application's `short_code` attribute holds (it is not written back here).",
             ))
             .attribute(
                 Attribute::optional("expires_at", Type::String, "When the code stops working (RFC 3339).")
@@ -286,7 +304,22 @@ impl Model for ApplicationModel {
 
     async fn observed(client: &Client, application: &Application) -> Result<Vec<(&'static str, Value)>, ClientError> {
         let status = client.application_status(&application.id).await?;
-        Ok(certificate_values(&status))
+        let mut values = certificate_values(&status);
+        values.push(("short_code", short_code_value(client, application).await?));
+        Ok(values)
+    }
+}
+
+/// The application's current short code, or null without a `short_code` policy.
+async fn short_code_value(client: &Client, application: &Application) -> Result<Value, ClientError> {
+    if application.spec.access.short_code.is_none() {
+        return Ok(Value::Null);
+    }
+    match client.short_code(&application.id).await {
+        Ok(short_code) => Ok(Value::string(short_code.code)),
+        // The policy was removed since the application was read.
+        Err(error) if error.is_not_found() => Ok(Value::Null),
+        Err(error) => Err(error),
     }
 }
 
@@ -441,6 +474,31 @@ mod tests {
     }
 
     #[test]
+    fn the_short_code_is_secret_and_read_again_after_a_change() {
+        let attribute = SCHEMA.block.find_attribute("short_code").unwrap();
+        assert!(attribute.is_computed_only() && attribute.sensitive);
+        let object = Application {
+            id: edgible::model::ApplicationId::new(),
+            organization_id: edgible::model::OrganizationId::new(),
+            revision: 2,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+            spec: Managed::<ApplicationModel>::spec(&config(minimal())).unwrap(),
+        };
+        let mut prior = Managed::<ApplicationModel>::state(&object).unwrap();
+        prior.set("short_code", Value::string("k3x9q2"));
+        // Unchanged: the plan is the prior state, code included.
+        let outcome = crate::planning::plan(&SCHEMA.block, &prior, &prior, &prior);
+        assert_eq!(outcome.planned.get("short_code"), &Value::string("k3x9q2"));
+        // Any change may add, remove or replace the policy: the code is read again.
+        let mut proposed = prior.clone();
+        proposed.set("port", Value::int(9090));
+        let outcome = crate::planning::plan(&SCHEMA.block, &prior, &proposed, &proposed);
+        assert!(outcome.planned.get("short_code").is_unknown());
+        assert!(outcome.requires_replace.is_empty());
+    }
+
+    #[test]
     fn every_field_of_the_model_survives_the_round_trip() {
         let spec: ApplicationSpec = serde_json::from_value(serde_json::json!({
             "name": "full",
@@ -457,7 +515,7 @@ mod tests {
             "storage": [{"name": "data", "size_mib": 64, "mount_path": "/data", "movable": true}],
             "sleep": {"idle_timeout_seconds": 60, "mode": "suspend", "wake_timeout_seconds": 30},
             "resources": {"vcpus": 2, "memory_mib": 1024},
-            "protocol": "tcp",
+            "protocol": "http",
         }))
         .unwrap();
         let object = Application {
@@ -486,5 +544,14 @@ mod tests {
             let state = Managed::<ApplicationModel>::state(&object).unwrap();
             assert_eq!(Managed::<ApplicationModel>::spec(&state).unwrap(), object.spec);
         }
+
+        // A raw TCP application is public: access policies need HTTP requests to check.
+        let mut spec = object.spec.clone();
+        spec.protocol = edgible::model::ApplicationProtocol::Tcp;
+        spec.access = edgible::model::AccessPolicy::default();
+        let object = Application { spec, ..object };
+        let state = Managed::<ApplicationModel>::state(&object).unwrap();
+        assert_eq!(state.get("protocol"), &Value::string("tcp"));
+        assert_eq!(Managed::<ApplicationModel>::spec(&state).unwrap(), object.spec);
     }
 }
