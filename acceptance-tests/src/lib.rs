@@ -5,8 +5,10 @@
 //! Heavy tiers (terraform, namespaces, PostgreSQL, browsers) are gated by [`HEAVY_ENV`]; a test
 //! calls [`heavy_tier`] first and returns early, printing why, when it is not set.
 
+pub mod access_platform;
 pub mod agent;
 pub mod bench;
+pub mod browser;
 pub mod cli;
 pub mod docker;
 pub mod netns;

@@ -61,15 +61,40 @@ pub fn download_len(query: Option<&str>) -> Result<u64, QueryError> {
 }
 
 /// What `GET /` answers: who answered (its name, and its pid, which tells a test the network
-/// namespace, and so the device, it runs in), and the forwarding headers the proxy set (`-`
-/// when absent). One `key=value` per line, so tests can pick lines.
-pub fn greeting(name: &str, pid: u32, forwarded_for: Option<&str>, proto: Option<&str>, host: Option<&str>) -> String {
+/// namespace, and so the device, it runs in), the forwarding headers the proxy set, and the
+/// identity it vouched for (`X-Edgible-User`, `X-Edgible-Email`); `-` when absent. One
+/// `key=value` per line, so tests (and a browser showing the page) can pick lines.
+pub fn greeting(name: &str, pid: u32, headers: &Forwarded<'_>) -> String {
+    let show = |value: Option<&str>| value.unwrap_or("-").to_owned();
     format!(
-        "name={name}\npid={pid}\nx-forwarded-for={}\nx-forwarded-proto={}\nx-forwarded-host={}\n",
-        forwarded_for.unwrap_or("-"),
-        proto.unwrap_or("-"),
-        host.unwrap_or("-")
+        "name={name}\npid={pid}\nx-forwarded-for={}\nx-forwarded-proto={}\nx-forwarded-host={}\n\
+         x-edgible-user={}\nx-edgible-email={}\n",
+        show(headers.forwarded_for),
+        show(headers.proto),
+        show(headers.host),
+        show(headers.user),
+        show(headers.email),
     )
+}
+
+/// The headers of a request that [`greeting`] shows.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Forwarded<'a> {
+    pub forwarded_for: Option<&'a str>,
+    pub proto: Option<&'a str>,
+    pub host: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub email: Option<&'a str>,
+}
+
+/// What `GET /headers` answers: every request header as a `name=value` line (names in lower
+/// case, in the order received; values that are not text shown as `<binary>`), so a test
+/// sees exactly what the proxy let through.
+pub fn header_lines<'a>(headers: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> String {
+    headers
+        .into_iter()
+        .map(|(name, value)| format!("{}={}\n", name.to_ascii_lowercase(), value.unwrap_or("<binary>")))
+        .collect()
 }
 
 /// What `POST /upload` answers: the hex SHA-256 of the body and its length.
@@ -123,12 +148,23 @@ mod tests {
 
     #[test]
     fn answers_are_lines_tests_can_read() {
-        let text = greeting("app-a", 42, Some("203.0.113.100"), Some("https"), None);
+        let headers = Forwarded {
+            forwarded_for: Some("203.0.113.100"),
+            proto: Some("https"),
+            email: Some("a@example.test"),
+            ..Forwarded::default()
+        };
+        let text = greeting("app-a", 42, &headers);
         assert_eq!(field(&text, "name"), Some("app-a"));
         assert_eq!(field(&text, "pid"), Some("42"));
         assert_eq!(field(&text, "x-forwarded-for"), Some("203.0.113.100"));
         assert_eq!(field(&text, "x-forwarded-proto"), Some("https"));
         assert_eq!(field(&text, "x-forwarded-host"), Some("-"));
+        assert_eq!(field(&text, "x-edgible-user"), Some("-"));
+        assert_eq!(field(&text, "x-edgible-email"), Some("a@example.test"));
+        let lines = header_lines([("Accept", Some("*/*")), ("X-Bin", None)]);
+        assert_eq!(lines, "accept=*/*\nx-bin=<binary>\n");
+        assert_eq!(field(&lines, "accept"), Some("*/*"));
         assert_eq!(field(&text, "missing"), None);
         let receipt = upload_receipt("abc", 3);
         assert_eq!(field(&receipt, "sha256"), Some("abc"));

@@ -367,3 +367,156 @@ async fn a_stack_naming_a_missing_device_creates_nothing() -> anyhow::Result<()>
     assert!(failed.stderr.contains("line 22"), "{}", failed.stderr);
     setup.nothing_deployed().await
 }
+
+/// Applications with each access policy, unplaced: the credentials around them need no device.
+const ACCESS_STACK: &str = "\
+applications:
+  - name: wiki
+    hostnames: [wiki.example.test]
+    port: 3000
+    workload:
+      process:
+        command: /usr/bin/wiki
+    access:
+      organization: {}
+      api_key: {}
+  - name: preview
+    hostnames: [preview.example.test]
+    port: 8080
+    workload:
+      process:
+        command: /usr/bin/preview
+    access:
+      short_code: {}
+  - name: fixed
+    hostnames: [fixed.example.test]
+    port: 8080
+    workload:
+      process:
+        command: /usr/bin/fixed
+    access:
+      short_code:
+        code: letmein2030
+";
+
+/// The secret on the line after "store it safely:" of a table output.
+fn printed_secret(stdout: &str) -> anyhow::Result<String> {
+    let mut lines = stdout.lines().skip_while(|line| !line.contains("store it safely"));
+    lines.next();
+    lines
+        .next()
+        .map(|line| line.trim().to_owned())
+        .filter(|secret| !secret.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("no secret printed:\n{stdout}"))
+}
+
+/// Logs in on the server's login page as a browser's form would, and answers the status and
+/// `Location` (no redirect is followed).
+async fn post_login(server: &str, email: &str, password: &str, host: &str) -> anyhow::Result<(u16, String)> {
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+    let response = http
+        .post(format!("{server}/login"))
+        .form(&[("email", email), ("password", password), ("host", host), ("state", "cli-test-state")])
+        .send()
+        .await?;
+    let location = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Ok((response.status().as_u16(), location))
+}
+
+/// A member's password (never from the command line), application keys, short codes, keys with
+/// the `access` scope and the policies in `app status`, against the server's real endpoints.
+#[tokio::test]
+async fn access_credentials_are_managed_from_the_command_line() -> anyhow::Result<()> {
+    let setup = Setup::start()?;
+    let (cli, client) = (&setup.cli, &setup.client);
+    let file = setup.write("access.yaml", ACCESS_STACK)?;
+    cli.ok(&["stack", "deploy", &file])?;
+    let wiki = client.find_by_name::<Application>("wiki").await?.expect("wiki was deployed");
+    let preview = client.find_by_name::<Application>("preview").await?.expect("preview was deployed");
+
+    // Passwords: asked on a terminal or piped with --password-stdin, checked before sending.
+    let member = cli.json(&["member", "create", "ana@example.test", "--role", "admin"])?;
+    assert_eq!(member["spec"]["role"], "admin");
+    let set_password = ["member", "set-password", "ana@example.test", "--password-stdin"];
+    let weak = cli.run_with_stdin(&set_password, Some("short\n"))?.failure()?;
+    assert!(weak.stderr.contains("10 to 256"), "{}", weak.stderr);
+    let no_terminal = cli.fails(&["member", "set-password", "ana@example.test"])?;
+    assert!(no_terminal.stderr.contains("--password-stdin"), "{}", no_terminal.stderr);
+    let stranger = ["member", "set-password", "bob@example.test", "--password-stdin"];
+    let unknown = cli.run_with_stdin(&stranger, Some("correct horse battery\n"))?.failure()?;
+    assert!(unknown.stderr.contains("no member"), "{}", unknown.stderr);
+    let by_other_case = ["member", "set-password", "Ana@Example.test", "--password-stdin"];
+    let set = cli.run_with_stdin(&by_other_case, Some("correct horse battery\n"))?.success()?;
+    assert!(!set.stdout.contains("correct horse"), "the password is not echoed: {}", set.stdout);
+    // The password (without the newline) opens the login page; another one does not.
+    let (status, location) =
+        post_login(&setup.server.url, "ana@example.test", "correct horse battery", "wiki.example.test").await?;
+    assert_eq!(status, 302, "{location}");
+    assert!(location.starts_with("https://wiki.example.test/.edgible/callback?"), "{location}");
+    let (status, _) =
+        post_login(&setup.server.url, "ana@example.test", "correct horse battery\n", "wiki.example.test").await?;
+    assert_eq!(status, 401);
+    let listed = cli.ok(&["member", "list"])?.stdout;
+    assert!(listed.contains("ana@example.test") && listed.contains("admin"), "{listed}");
+
+    // Application keys: the secret once, then only its prefix.
+    let created = cli.ok(&["app", "key", "create", "wiki", "ci", "--expires-at", "2031-01-01T00:00:00Z"])?.stdout;
+    let secret = printed_secret(&created)?;
+    let keys = client.list_all_application_keys(&wiki.id).await?;
+    assert_eq!(keys.len(), 1);
+    assert!(secret.starts_with(&keys[0].prefix), "{secret} / {}", keys[0].prefix);
+    let table = cli.ok(&["app", "key", "list", "wiki"])?.stdout;
+    assert!(table.contains("ci") && table.contains(&keys[0].prefix), "{table}");
+    assert!(!table.contains(&secret), "a listing never shows the secret: {table}");
+    assert_eq!(cli.json(&["app", "key", "list", "wiki"])?, serde_json::to_value(&keys)?);
+    let deploy = cli.json(&["app", "key", "create", "wiki", "deploy"])?;
+    assert!(deploy["secret"].as_str().is_some_and(|secret| !secret.is_empty()), "{deploy}");
+    let deploy_id = deploy["application_key"]["id"].as_str().unwrap_or_default().to_owned();
+    let note = cli.ok(&["app", "key", "create", "preview", "useless"])?.stdout;
+    assert!(note.contains("no api_key access policy"), "{note}");
+    cli.ok(&["app", "key", "delete", "wiki", "ci"])?;
+    cli.ok(&["app", "key", "delete", "wiki", &deploy_id])?;
+    assert!(client.list_all_application_keys(&wiki.id).await?.is_empty());
+    let gone = cli.fails(&["app", "key", "delete", "wiki", "ci"])?;
+    assert!(gone.stderr.contains("no key"), "{}", gone.stderr);
+
+    // Short codes: the generated one, rotated; a code from the spec cannot be rotated.
+    let first = cli.json(&["app", "short-code", "preview"])?;
+    let code = first["code"].as_str().unwrap_or_default().to_owned();
+    assert!(code.len() >= 6, "{first}");
+    assert!(cli.ok(&["app", "short-code", "preview"])?.stdout.contains(&code));
+    let rotated = cli.json(&["app", "short-code", "preview", "--rotate"])?;
+    assert_ne!(rotated["code"], first["code"]);
+    assert!(rotated["version"].as_u64() > first["version"].as_u64(), "{rotated} after {first}");
+    assert_eq!(serde_json::to_value(client.short_code(&preview.id).await?)?, rotated);
+    let fixed = cli.json(&["app", "short-code", "fixed"])?;
+    assert_eq!(fixed["code"], "letmein2030");
+    let refused = cli.fails(&["app", "short-code", "fixed", "--rotate"])?;
+    assert!(refused.stderr.contains("set in its spec"), "{}", refused.stderr);
+    let none = cli.fails(&["app", "short-code", "wiki"])?;
+    assert!(none.stderr.contains("short_code"), "{}", none.stderr);
+    // A second deploy neither changes anything nor makes a new code.
+    assert!(cli.ok(&["stack", "deploy", &file])?.stdout.contains("No changes"));
+    assert_eq!(client.short_code(&preview.id).await?.code, rotated["code"].as_str().unwrap_or_default());
+
+    // `app status` names the policies; `app get` does too, without the code.
+    let status = cli.ok(&["app", "status", "wiki"])?.stdout;
+    assert!(status.contains("organization members or API key"), "{status}");
+    let fixed_get = cli.ok(&["app", "get", "fixed"])?.stdout;
+    assert!(fixed_get.contains("short code") && !fixed_get.contains("letmein2030"), "{fixed_get}");
+
+    // A key with the `access` scope passes api_key policies and grants nothing on the API.
+    let robot = cli.json(&["key", "create", "robot", "--scope", "access"])?;
+    assert_eq!(robot["api_key"]["spec"]["scopes"], serde_json::json!(["access"]));
+    let robot_secret = robot["secret"].as_str().unwrap_or_default();
+    let robot_client = Client::new(&setup.server.url, robot_secret)?;
+    let refused = robot_client.list_all::<Application>().await.expect_err("an access key reads nothing");
+    assert!(matches!(refused.status().map(|status| status.as_u16()), Some(401 | 403)), "{refused}");
+    assert!(cli.ok(&["key", "list"])?.stdout.contains("access"));
+    Ok(())
+}

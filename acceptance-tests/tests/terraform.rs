@@ -4,7 +4,8 @@
 //! attributes) → update in place → empty plan → destroy → gone in the API. Around that:
 //! invalid values fail at plan with their attribute path and create nothing, drift made through
 //! the API shows in the plan, a hostname claimed twice fails clearly, fifty applications apply
-//! in one go, and the examples validate and apply.
+//! in one go, and the examples validate and apply. Application keys (replaced on any change,
+//! imported as `APPLICATION_ID/KEY_ID`) and short codes have their own scenario.
 //!
 //! All tests share one server (one per process under nextest) and isolate themselves with an
 //! organization each. Gated by EDGIBLE_ACC=1.
@@ -13,7 +14,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use edgible::client::Resource;
-use edgible::model::{ApiKey, Application, Device, DevicePool, Placement};
+use edgible::model::{ApiKey, Application, ApplicationId, ApplicationKeyId, Device, DevicePool, Placement};
 use edgible_acceptance_tests::heavy_tier;
 use edgible_acceptance_tests::terraform::{Terraform, TestOrganization};
 use serde_json::Value as Json;
@@ -301,7 +302,7 @@ resource "edgible_application" "web" {
         .await?;
         let created = &outcome.created;
         anyhow::ensure!(
-            created["access"]["short_code"]["code"].as_str().is_some_and(|code| code.len() >= 6),
+            created["short_code"].as_str().is_some_and(|code| code.len() >= 6),
             "the server generated a short code: {created}"
         );
         anyhow::ensure!(created["health_check"]["interval_seconds"] == 10, "defaults are in the state: {created}");
@@ -411,6 +412,143 @@ resource "edgible_api_key" "ci" {
         let client = edgible::Client::new(&org.server.server.url, secret)?;
         anyhow::ensure!(client.whoami().await.is_err(), "a destroyed key must stop working");
         expect_gone::<ApiKey>(&org, &outcome.id).await
+    }
+    .await;
+    org.finish(result)
+}
+
+const ACCESS_APPLICATIONS: &str = r#"
+resource "edgible_application" "wiki" {
+  name      = "wiki"
+  hostnames = ["wiki.access.example.test"]
+  port      = 3000
+
+  workload {
+    process {
+      command = "/usr/bin/wiki"
+    }
+  }
+
+  access {
+    organization {}
+    api_key {}
+  }
+}
+
+resource "edgible_application" "preview" {
+  name      = "preview"
+  hostnames = ["preview.access.example.test"]
+  port      = 8080
+
+  workload {
+    process {
+      command = "/usr/bin/preview"
+    }
+  }
+
+  access {
+    short_code {}
+  }
+}
+
+resource "edgible_api_key" "robots" {
+  name   = "robots"
+  scopes = ["access"]
+}
+"#;
+
+const APPLICATION_KEY: &str = r#"
+resource "edgible_application_key" "ci" {
+  application_id = edgible_application.wiki.id
+  name           = "ci"
+}
+"#;
+
+/// Fails unless the application's key is gone from the API.
+async fn expect_key_gone(org: &TestOrganization, application: &ApplicationId, key: &str) -> anyhow::Result<()> {
+    let key: ApplicationKeyId = key.parse()?;
+    match org.client.application_key(application, &key).await {
+        Err(error) if error.is_not_found() => Ok(()),
+        Ok(_) => anyhow::bail!("the application key {key} still exists"),
+        Err(error) => Err(error.into()),
+    }
+}
+
+#[tokio::test]
+async fn application_keys_and_short_codes() -> anyhow::Result<()> {
+    if !heavy_tier("application_keys_and_short_codes") {
+        return Ok(());
+    }
+    let org = TestOrganization::create("tf-access").await?;
+    let result = async {
+        let terraform = org.terraform("main")?;
+        terraform.write_config(&format!("{ACCESS_APPLICATIONS}\n{APPLICATION_KEY}"))?;
+        terraform.apply().await?;
+        terraform.expect_no_changes().await.context("right after the first apply")?;
+
+        // The key's secret is in state; the API knows the key by the same id and prefix.
+        let key = terraform.values("edgible_application_key.ci").await?;
+        let wiki: ApplicationId = terraform.id("edgible_application.wiki").await?.parse()?;
+        let secret = key["secret"].as_str().context("the creating run gets the secret")?.to_owned();
+        let prefix = key["prefix"].as_str().context("a prefix")?;
+        anyhow::ensure!(secret.starts_with(prefix), "the secret {secret:?} starts with its prefix {prefix:?}");
+        let keys = org.client.list_all_application_keys(&wiki).await?;
+        anyhow::ensure!(keys.len() == 1, "one key: {keys:?}");
+        anyhow::ensure!(keys[0].id.to_string() == key["id"] && keys[0].prefix == prefix, "{keys:?} vs {key}");
+        anyhow::ensure!(keys[0].application_id == wiki && key["application_id"] == wiki.to_string());
+        let robots = terraform.values("edgible_api_key.robots").await?;
+        anyhow::ensure!(robots["scopes"] == serde_json::json!(["access"]), "{robots}");
+
+        // The generated short code is in state, equal to the API's, and never printed.
+        let preview = terraform.values("edgible_application.preview").await?;
+        let preview_id: ApplicationId = terraform.id("edgible_application.preview").await?.parse()?;
+        let code = org.client.short_code(&preview_id).await?;
+        anyhow::ensure!(
+            preview["short_code"] == code.code.as_str(),
+            "state {} vs API {}",
+            preview["short_code"],
+            code.code
+        );
+        anyhow::ensure!(terraform.values("edgible_application.wiki").await?["short_code"].is_null());
+        let shown = terraform.run(&["show", "-no-color"]).await?.expect_success()?;
+        anyhow::ensure!(!shown.stdout.contains(&code.code) && !shown.stdout.contains(&secret), "{shown}");
+
+        // An import (by APPLICATION_ID/KEY_ID) holds the same attributes but the secret.
+        let id = key["id"].as_str().context("an id")?.to_owned();
+        let fresh = org.terraform("import")?;
+        fresh.write_config(&format!("{ACCESS_APPLICATIONS}\n{APPLICATION_KEY}"))?;
+        fresh.import("edgible_application_key.ci", &format!("{wiki}/{id}")).await?;
+        compare_imported(&key, &fresh.values("edgible_application_key.ci").await?, &["secret"])?;
+
+        // A rotation through the API plans nothing and shows after a refresh.
+        let rotated = org.client.rotate_short_code(&preview_id).await?;
+        anyhow::ensure!(rotated.code != code.code && rotated.version > code.version);
+        terraform.expect_no_changes().await.context("after a rotation")?;
+        terraform
+            .run(&["apply", "-refresh-only", "-auto-approve", "-input=false", "-no-color"])
+            .await?
+            .expect_success()?;
+        let refreshed = terraform.values("edgible_application.preview").await?;
+        anyhow::ensure!(refreshed["short_code"] == rotated.code.as_str(), "{}", refreshed["short_code"]);
+
+        // Any change replaces the key: a new id and secret, the old key revoked.
+        terraform.write_config(&format!(
+            "{ACCESS_APPLICATIONS}\n{}",
+            APPLICATION_KEY.replace("= \"ci\"", "= \"ci-next\"")
+        ))?;
+        let plan = terraform.plan().await?.expect_code(2)?;
+        anyhow::ensure!(plan.stdout.contains("edgible_application_key.ci must be replaced"), "{plan}");
+        terraform.apply().await?;
+        let replaced = terraform.values("edgible_application_key.ci").await?;
+        anyhow::ensure!(replaced["id"] != key["id"] && replaced["secret"] != key["secret"], "{replaced}");
+        anyhow::ensure!(replaced["name"] == "ci-next");
+        expect_key_gone(&org, &wiki, &id).await?;
+        terraform.expect_no_changes().await.context("after the replacement")?;
+
+        terraform.destroy().await?;
+        expect_key_gone(&org, &wiki, replaced["id"].as_str().unwrap_or_default()).await?;
+        anyhow::ensure!(org.client.list_all::<Application>().await?.is_empty());
+        expect_gone::<ApiKey>(&org, robots["id"].as_str().unwrap_or_default()).await
     }
     .await;
     org.finish(result)
@@ -750,7 +888,9 @@ async fn every_example_validates_and_the_resource_examples_apply() -> anyhow::Re
         }
         // The examples of single resources apply and re-plan empty (the quickstart has its own
         // test, the others need existing objects).
-        for name in ["device_pool", "device", "application", "placement", "api_key", "edge", "domain"] {
+        for name in
+            ["device_pool", "device", "application", "placement", "api_key", "edge", "domain", "application_key"]
+        {
             let terraform = org.terraform(name)?;
             terraform.apply().await.with_context(|| format!("example {name}"))?;
             terraform.expect_no_changes().await.with_context(|| format!("example {name}"))?;

@@ -1,8 +1,10 @@
 //! The workload of the data path tests: a small HTTP server (HTTP/1.1 and HTTP/2 cleartext)
 //! that the agent runs as a process workload on `127.0.0.1:$PORT`, named by `$NAME`.
 //!
-//! - `GET /`: who answered and the `X-Forwarded-For/-Proto/-Host` it received
-//!   ([`greeting`]), so a test sees which device served it and what the proxy told it.
+//! - `GET /`: who answered, the `X-Forwarded-For/-Proto/-Host` it received
+//!   and the identity headers (`X-Edgible-User/-Email`) it received ([`greeting`]), so a test
+//!   sees which device served it and what the proxy told it.
+//! - `GET /headers`: every request header it received, one `name=value` line each.
 //! - `POST /upload`: the hex SHA-256 and length of the body, read as a stream.
 //! - `GET /download?bytes=N`: N bytes of the deterministic pattern, streamed.
 //! - `GET /ws`: a WebSocket echo (the upgrade goes through the edge and the device's proxy).
@@ -17,7 +19,9 @@ use std::task::{Context as TaskContext, Poll};
 
 use anyhow::Context;
 use bytes::Bytes;
-use edgible_acceptance_tests::workload::{download_len, fill_pattern, greeting, upload_receipt};
+use edgible_acceptance_tests::workload::{
+    Forwarded, download_len, fill_pattern, greeting, header_lines, upload_receipt,
+};
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -64,14 +68,18 @@ async fn handle(name: Arc<str>, request: Request<Incoming>) -> Result<Response<R
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/") => {
             let headers = request.headers();
-            let text = greeting(
-                &name,
-                std::process::id(),
-                header_text(headers, "x-forwarded-for"),
-                header_text(headers, "x-forwarded-proto"),
-                header_text(headers, "x-forwarded-host"),
-            );
-            text_response(StatusCode::OK, text)
+            let forwarded = Forwarded {
+                forwarded_for: header_text(headers, "x-forwarded-for"),
+                proto: header_text(headers, "x-forwarded-proto"),
+                host: header_text(headers, "x-forwarded-host"),
+                user: header_text(headers, "x-edgible-user"),
+                email: header_text(headers, "x-edgible-email"),
+            };
+            text_response(StatusCode::OK, greeting(&name, std::process::id(), &forwarded))
+        }
+        (&Method::GET, "/headers") => {
+            let headers = request.headers().iter().map(|(name, value)| (name.as_str(), value.to_str().ok()));
+            text_response(StatusCode::OK, header_lines(headers))
         }
         (&Method::GET, "/health") => text_response(StatusCode::OK, "ok\n".to_owned()),
         (&Method::POST, "/upload") => upload(request.into_body()).await,
