@@ -25,14 +25,16 @@ pub(crate) struct PacketBatch {
     lens: Vec<usize>,
     addresses: Vec<SocketAddr>,
     count: usize,
-    /// Input batches are bounded (one read stage fills at most `capacity` packets); output
-    /// batches grow when one input produces several outputs (a completed handshake releasing
-    /// queued packets), and keep the grown capacity so that growth is rare and amortised.
+    /// Batches grow when one input produces several outputs (a TUN frame split into segments, a
+    /// run of datagrams merged by UDP GRO, a completed handshake releasing queued packets), and
+    /// keep the grown capacity so that growth is rare and amortised. Bounded batches (tests)
+    /// never grow.
     growable: bool,
 }
 
 impl PacketBatch {
     /// A batch of exactly `capacity` slots.
+    #[cfg(test)]
     pub(crate) fn bounded(capacity: usize) -> Self {
         Self::with_capacity(capacity, false)
     }
@@ -116,6 +118,17 @@ impl PacketBatch {
     pub(crate) fn get(&self, index: usize) -> (&[u8], SocketAddr) {
         let start = index * SLOT_LEN;
         (&self.data[start..start + self.lens[index]], self.addresses[index])
+    }
+
+    /// The packet at `index`, to rewrite its headers in place.
+    pub(crate) fn get_mut(&mut self, index: usize) -> &mut [u8] {
+        let start = index * SLOT_LEN;
+        &mut self.data[start..start + self.lens[index]]
+    }
+
+    /// Keeps only the first `len` packets.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.count = self.count.min(len);
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], SocketAddr)> {

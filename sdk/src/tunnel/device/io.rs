@@ -8,9 +8,14 @@
 //! of datagrams to one peer of one size (a bulk transfer) goes out as one UDP GSO send
 //! (`UDP_SEGMENT`): the kernel walks its stack once for the run and splits it into datagrams as
 //! late as it can. When the kernel refuses GSO for a run (no checksum offload on the route, a
-//! segment larger than the route's MTU), that run goes out with `sendmmsg` instead. The TUN side
-//! is still one `read`/`write` per packet; UDP GRO and TUN offloads (`IFF_VNET_HDR`) would go
-//! here too, without changing the processing stage.
+//! segment larger than the route's MTU), that run goes out with `sendmmsg` instead. Where the
+//! socket has UDP GRO, the kernel keeps such a run whole on the way in, and one receive buffer
+//! of 64 KiB takes it; it is cut back into datagrams here ([`read_udp_gro`]).
+//!
+//! The TUN side, with offloads (`IFF_VNET_HDR`, see [`super::offload`]), reads one frame per
+//! system call, a TCP or UDP super-packet of up to 64 KiB that is split into packets, and writes
+//! the packets of a batch as coalesced frames, each one gathering `write` straight from the
+//! batch. Without offloads (a kernel that refuses them) it is one `read`/`write` per packet.
 
 use std::io::{self, ErrorKind, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
@@ -21,10 +26,13 @@ use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, sendmsg};
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, sendmsg,
+};
 use tun_rs::SyncDevice;
 
 use super::batch::{MAX_PACKET_LEN, PacketBatch};
+use super::offload::{self, Coalescer};
 
 /// The most datagrams one `sendmmsg` call carries; far below the kernel's limit (`UIO_MAXIOV`,
 /// 1024), and the size of the tunnel's input batches, so a batch rarely needs two calls.
@@ -118,17 +126,43 @@ fn is_transient(error: &io::Error) -> bool {
         || error.raw_os_error() == Some(nix::libc::EIO)
 }
 
-/// Fills `batch` with the IP packets waiting on the TUN, without blocking.
-pub(crate) fn read_tun(tun: &SyncDevice, batch: &mut PacketBatch) -> io::Result<()> {
-    while let Some(slot) = batch.free_slot() {
-        // Reading into at most `MAX_PACKET_LEN` bytes leaves room to encrypt in the same slot
-        // size; a longer packet (an MTU raised behind our back) is truncated and then dropped
-        // by the IP length check.
-        match tun.recv(&mut slot[..MAX_PACKET_LEN]) {
-            Ok(len) => batch.commit(len, None),
-            Err(error) if error.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(error) if error.kind() == ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
+/// Fills `batch` with the IP packets waiting on the TUN, without blocking, until it holds at
+/// least `limit` packets. With offloads (`frame` is then a buffer of [`MAX_FRAME_LEN`] bytes),
+/// each read returns a frame that [`offload::split`] cuts into packets, so `batch` must be
+/// growable; a frame that cannot be split is dropped. Without, each read is one packet.
+pub(crate) fn read_tun(
+    tun: &SyncDevice,
+    frame: Option<&mut [u8]>,
+    batch: &mut PacketBatch,
+    limit: usize,
+) -> io::Result<()> {
+    match frame {
+        Some(frame) => {
+            while batch.len() < limit {
+                let len = match tun.recv(frame) {
+                    Ok(len) => len,
+                    Err(error) if error.kind() == ErrorKind::WouldBlock => return Ok(()),
+                    Err(error) if error.kind() == ErrorKind::Interrupted => continue,
+                    Err(error) => return Err(error),
+                };
+                if let Err(error) = offload::split(&mut frame[..len], batch) {
+                    tracing::debug!(%error, "dropped a frame read from the TUN");
+                }
+            }
+        }
+        None => {
+            while batch.len() < limit {
+                let Some(slot) = batch.free_slot() else { return Ok(()) };
+                // Reading into at most `MAX_PACKET_LEN` bytes leaves room to encrypt in the same
+                // slot size; a longer packet (an MTU raised behind our back) is truncated and
+                // then dropped by the IP length check.
+                match tun.recv(&mut slot[..MAX_PACKET_LEN]) {
+                    Ok(len) => batch.commit(len, None),
+                    Err(error) if error.kind() == ErrorKind::WouldBlock => return Ok(()),
+                    Err(error) if error.kind() == ErrorKind::Interrupted => {}
+                    Err(error) => return Err(error),
+                }
+            }
         }
     }
     Ok(())
@@ -161,6 +195,72 @@ pub(crate) fn read_udp(socket: &UdpSocket, batch: &mut PacketBatch) -> io::Resul
             return Ok(());
         }
     }
+}
+
+/// The size of each receive buffer with UDP GRO: the kernel merges up to 64 KiB of datagrams
+/// of one flow into one.
+pub(crate) const GRO_BUFFER_LEN: usize = 1 << 16;
+
+/// How many receive buffers one `recvmmsg` fills with UDP GRO.
+pub(crate) const GRO_BUFFERS: usize = 8;
+
+/// Fills `batch` with the datagrams waiting on a socket with UDP GRO (`UDP_GRO`), without
+/// blocking, until it holds at least `limit` datagrams. One `recvmmsg` fills up to
+/// [`GRO_BUFFERS`] buffers of `buffers`, each with one datagram or a run of datagrams of one
+/// source merged by the kernel, which the control message `UDP_GRO` says the length of (the last
+/// may be shorter); the run is cut back into datagrams in `batch`, which must be growable. A
+/// datagram longer than a slot is dropped, as it cannot be a valid one.
+pub(crate) fn read_udp_gro(
+    socket: &UdpSocket,
+    buffers: &mut [u8],
+    batch: &mut PacketBatch,
+    limit: usize,
+) -> io::Result<()> {
+    let mut received = Vec::with_capacity(GRO_BUFFERS);
+    while batch.len() < limit {
+        match receive_merged(socket, buffers, &mut received) {
+            Ok(()) => {}
+            Err(error) if error.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(error) if error.kind() == ErrorKind::Interrupted => continue,
+            Err(error) if is_transient(&error) => {
+                tracing::debug!(%error, "UDP receive error");
+                continue;
+            }
+            Err(error) => return Err(error),
+        }
+        for (buffer, &(len, source, segment)) in buffers.chunks_exact(GRO_BUFFER_LEN).zip(&received) {
+            let merged = &buffer[..len.min(GRO_BUFFER_LEN)];
+            for datagram in merged.chunks(segment.unwrap_or(merged.len()).max(1)) {
+                batch.push(datagram, source);
+            }
+        }
+        if received.len() < buffers.len() / GRO_BUFFER_LEN {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// One `recvmmsg` into the GRO buffers; the length, source and segment length of each goes to
+/// `received`, in order.
+fn receive_merged(
+    socket: &UdpSocket,
+    buffers: &mut [u8],
+    received: &mut Vec<(usize, Option<SocketAddr>, Option<usize>)>,
+) -> io::Result<()> {
+    received.clear();
+    let mut slices: Vec<[IoSliceMut<'_>; 1]> =
+        buffers.chunks_exact_mut(GRO_BUFFER_LEN).map(|buffer| [IoSliceMut::new(buffer)]).collect();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(slices.len(), Some(nix::cmsg_space!(i32)));
+    let messages = recvmmsg(socket.as_raw_fd(), &mut headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
+    for message in messages {
+        let segment = message.cmsgs()?.find_map(|cmsg| match cmsg {
+            ControlMessageOwned::UdpGroSegments(segment) => usize::try_from(segment).ok(),
+            _ => None,
+        });
+        received.push((message.bytes, message.address.as_ref().and_then(socket_addr), segment));
+    }
+    Ok(())
 }
 
 /// One `recvmmsg` into the free slots of `batch`; the length and source of each datagram go to
@@ -316,27 +416,60 @@ fn send_in_order(
     Ok(())
 }
 
-/// Writes every IP packet of `batch` to the TUN.
-pub(crate) fn write_tun(tun: &SyncDevice, batch: &PacketBatch, waker: &Waker) -> io::Result<()> {
-    for (packet, _) in batch.iter() {
-        loop {
-            match tun.send(packet) {
-                Ok(_) => break,
-                Err(error) if error.kind() == ErrorKind::WouldBlock => {
-                    if waker.wait(Some(tun.as_fd()), PollFlags::POLLOUT, None)? == Wake::Stopping {
-                        return Ok(());
-                    }
-                }
-                Err(error) if error.kind() == ErrorKind::Interrupted => {}
-                Err(error) if is_transient(&error) => {
-                    tracing::debug!(%error, "TUN write error");
-                    break;
-                }
-                Err(error) => return Err(error),
+/// Writes every IP packet of `batch` to the TUN. With offloads (`coalescer` given), the
+/// coalescer first merges runs of TCP segments, which may rewrite their headers in `batch`, and
+/// each of its frames is one gathering `write`: the virtio-net header, the head packet, then the
+/// payloads of the packets merged into it, read in place. Without, one `write` per packet.
+pub(crate) fn write_tun(
+    tun: &SyncDevice,
+    batch: &mut PacketBatch,
+    coalescer: Option<&mut Coalescer>,
+    waker: &Waker,
+) -> io::Result<()> {
+    let Some(coalescer) = coalescer else {
+        for (packet, _) in batch.iter() {
+            if write_frame(tun, &[IoSlice::new(packet)], waker)? == Wake::Stopping {
+                return Ok(());
             }
+        }
+        return Ok(());
+    };
+    coalescer.coalesce(batch);
+    let mut slices = [IoSlice::new(&[]); offload::MAX_COALESCED + 1];
+    for frame in coalescer.frames() {
+        slices[0] = IoSlice::new(&frame.header);
+        slices[1] = IoSlice::new(batch.get(frame.head).0);
+        let merged = coalescer.merged(frame);
+        for (slice, &index) in slices[2..].iter_mut().zip(merged) {
+            // The coalescer merges only packets with `headers_len` bytes of headers.
+            *slice = IoSlice::new(batch.get(index).0.get(frame.headers_len..).unwrap_or_default());
+        }
+        if write_frame(tun, &slices[..2 + merged.len()], waker)? == Wake::Stopping {
+            return Ok(());
         }
     }
     Ok(())
+}
+
+/// Writes one frame, gathered from `slices`, waiting for room if the TUN's queue is full. A
+/// transient error drops the frame.
+fn write_frame(tun: &SyncDevice, slices: &[IoSlice<'_>], waker: &Waker) -> io::Result<Wake> {
+    loop {
+        match tun.send_vectored(slices) {
+            Ok(_) => return Ok(Wake::Ready),
+            Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                if waker.wait(Some(tun.as_fd()), PollFlags::POLLOUT, None)? == Wake::Stopping {
+                    return Ok(Wake::Stopping);
+                }
+            }
+            Err(error) if error.kind() == ErrorKind::Interrupted => {}
+            Err(error) if is_transient(&error) => {
+                tracing::debug!(%error, "TUN write error");
+                return Ok(Wake::Ready);
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -513,6 +646,76 @@ mod tests {
                 assert!(datagram[1..].iter().all(|&byte| byte == index as u8));
             }
         }
+    }
+
+    /// Real sockets on loopback, the receivers with UDP GRO: runs sent with GSO arrive merged
+    /// (loopback keeps them whole) and are cut back into the same datagrams, whole, in order,
+    /// with their source; datagrams sent alone arrive alone.
+    #[test]
+    fn datagrams_merged_by_udp_gro_are_cut_back_whole_and_in_order() {
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let receivers = [UdpSocket::bind("127.0.0.1:0").unwrap(), UdpSocket::bind("127.0.0.1:0").unwrap()];
+        for socket in receivers.iter().chain([&sender]) {
+            socket.set_nonblocking(true).unwrap();
+        }
+        for receiver in &receivers {
+            nix::sys::socket::setsockopt(receiver, nix::sys::socket::sockopt::UdpGroSegment, &true).unwrap();
+        }
+        let waker = Waker::new().unwrap();
+        let count = 100usize;
+        let mut batch = PacketBatch::growable(8);
+        for index in 0..count {
+            let mut datagram = vec![index as u8; datagram_len(index)];
+            datagram[0] = flow_position(index);
+            assert!(batch.push(&datagram, Some(receivers[flow_of(index)].local_addr().unwrap())));
+        }
+        write_udp(&sender, &batch, &waker).unwrap();
+
+        let mut buffers = vec![0; 2 * GRO_BUFFER_LEN];
+        for (flow, receiver) in receivers.iter().enumerate() {
+            let mut input = PacketBatch::growable(4);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while input.len() < count / 2 && Instant::now() < deadline {
+                read_udp_gro(receiver, &mut buffers, &mut input, count).unwrap();
+                if input.len() < count / 2 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            assert_eq!(input.len(), count / 2, "flow {flow}");
+            let indices: Vec<usize> = (0..count).filter(|&index| flow_of(index) == flow).collect();
+            for (position, ((datagram, source), &index)) in input.iter().zip(&indices).enumerate() {
+                assert_eq!(source, sender.local_addr().unwrap());
+                assert_eq!(datagram.len(), datagram_len(index), "flow {flow} at {position}");
+                assert_eq!(datagram[0], position as u8, "flow {flow} out of order at {position}");
+                assert!(datagram[1..].iter().all(|&byte| byte == index as u8));
+            }
+        }
+    }
+
+    /// The kernel really merges on loopback: a GSO run of ten arrives as one buffer that says
+    /// its segment length, so the test above covers the cutting.
+    #[test]
+    fn a_gso_run_arrives_as_one_merged_receive() {
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver.set_nonblocking(true).unwrap();
+        nix::sys::socket::setsockopt(&receiver, nix::sys::socket::sockopt::UdpGroSegment, &true).unwrap();
+        let mut batch = PacketBatch::growable(8);
+        for _ in 0..10 {
+            assert!(batch.push(&[7; 1452], Some(receiver.local_addr().unwrap())));
+        }
+        assert_eq!(send_datagrams(&sender, &batch, 0..10).unwrap(), 10);
+
+        let mut buffers = vec![0; GRO_BUFFER_LEN];
+        let mut received = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while received.is_empty() && Instant::now() < deadline {
+            match receive_merged(&receiver, &mut buffers, &mut received) {
+                Err(error) if error.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                other => other.unwrap(),
+            }
+        }
+        assert_eq!(received, vec![(14_520, Some(sender.local_addr().unwrap()), Some(1452))]);
     }
 
     // The datagrams of the loopback test: the first 40 in runs of ten per receiver, the rest
