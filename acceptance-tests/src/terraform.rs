@@ -288,8 +288,10 @@ impl TestOrganization {
     pub async fn create(name: &str) -> anyhow::Result<Self> {
         let server = SharedServer::get()?;
         let platform = server.server.client()?;
-        let spec =
-            OrganizationSpec { name: name.parse().with_context(|| format!("{name:?} as an organization name"))? };
+        let spec = OrganizationSpec {
+            name: name.parse().with_context(|| format!("{name:?} as an organization name"))?,
+            operator: false,
+        };
         let created = platform.create::<Organization>(&spec).await.context("creating the test's organization")?;
         let api_key = created.admin_key.secret;
         let client = edgible::Client::new(&server.server.url, &api_key)?;

@@ -70,7 +70,7 @@ async fn walk(run: &AccessPlatform, browser: &mut Browser) -> anyhow::Result<()>
     let app = format!("https://{HOST}/");
     let client = run.server.client()?;
     let alice = member_with_password(&client, ALICE, "Alice", ALICE_PASSWORD).await?;
-    let other = client.create::<Organization>(&OrganizationSpec { name: "other".parse()? }).await?;
+    let other = client.create::<Organization>(&OrganizationSpec { name: "other".parse()?, operator: false }).await?;
     let other_client = edgible::Client::new(&run.server.url, &other.admin_key.secret)?;
     member_with_password(&other_client, BOB, "Bob", BOB_PASSWORD).await?;
 

@@ -213,6 +213,8 @@ pub enum DriverError {
     Proc { pid: i32, source: std::io::Error },
     #[error("container engine: cannot {action}: {source}")]
     Engine { action: &'static str, source: Box<bollard::errors::Error> },
+    #[error("{kind} workloads cannot {action}")]
+    Unsupported { kind: WorkloadKind, action: &'static str },
 }
 
 /// A way of running workloads of one kind.
@@ -246,6 +248,20 @@ pub trait Driver: Send + Sync {
     async fn release_all(&self);
 
     fn status(&self, application_id: ApplicationId) -> WorkloadStatus;
+
+    /// Keeps the application's running workload in memory but stops it from running (the
+    /// `suspend` sleep mode): a frozen process group, a paused and snapshotted microVM. It
+    /// stays supervised, and its status stays `Running`.
+    async fn suspend(&self, application_id: ApplicationId) -> Result<(), DriverError> {
+        let _ = application_id;
+        Err(DriverError::Unsupported { kind: self.kind(), action: "be suspended" })
+    }
+
+    /// Lets a suspended workload run again.
+    async fn resume(&self, application_id: ApplicationId) -> Result<(), DriverError> {
+        let _ = application_id;
+        Err(DriverError::Unsupported { kind: self.kind(), action: "be resumed" })
+    }
 
     /// The application's recent output, while the driver knows the application.
     fn logs(&self, application_id: ApplicationId) -> Option<LogBuffer>;

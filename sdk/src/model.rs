@@ -47,6 +47,10 @@ pub trait Validate {
 #[serde(deny_unknown_fields)]
 pub struct OrganizationSpec {
     pub name: Name,
+    /// An operator organization runs cloud hosts that other organizations' `cloud`
+    /// placements land on. Only a `platform` key may set it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub operator: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,6 +314,45 @@ pub struct DeviceStatus {
     /// The revision of desired state the agent last reported as applied.
     pub applied_revision: Option<Revision>,
     pub last_seen_at: Option<DateTime<Utc>>,
+    /// What the device offers as a cloud host (`edgible-agent run --cloud-host`), as its agent
+    /// last declared; absent for devices that are not cloud hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_host: Option<HostCapacity>,
+}
+
+/// The capacity a cloud host offers to applications' microVMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct HostCapacity {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+}
+
+impl HostCapacity {
+    /// What an application placed in the cloud takes of a host: its `resources` (1 vCPU and
+    /// 256 MiB if it names none) and the sum of its volumes.
+    pub fn required_by(spec: &ApplicationSpec) -> Self {
+        let resources = spec.resources.as_ref();
+        Self {
+            vcpus: resources.map_or(1, |r| r.vcpus),
+            memory_mib: resources.map_or(256, |r| u64::from(r.memory_mib)),
+            disk_mib: spec.storage.iter().map(|volume| volume.size_mib).sum(),
+        }
+    }
+}
+
+impl Validate for HostCapacity {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.vcpus == 0 {
+            return Err(ValidationError::at("vcpus", "must be at least 1"));
+        }
+        if self.memory_mib < 64 {
+            return Err(ValidationError::at("memory_mib", "must be at least 64"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1061,6 +1104,10 @@ pub struct Placement {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub spec: PlacementSpec,
+    /// Where the application runs: the device of a `serving-device` placement, or the cloud
+    /// host the scheduler chose for a `cloud` one. Written by the platform only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<DeviceId>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1127,6 +1174,10 @@ pub enum ApplicationPhase {
     Unhealthy,
     Stopped,
     Failed,
+    /// Asleep after its idle timeout (`sleep` policy); the next request wakes it.
+    Sleeping,
+    /// Being woken by a request.
+    Waking,
 }
 
 /// The status of an application: `GET /v1/applications/{id}/status`.
@@ -1161,6 +1212,34 @@ pub struct ApplicationStatus {
 pub enum LogStream {
     Stdout,
     Stderr,
+}
+
+/// Usage of one application in one hour (`GET /v1/usage`), summed over what its devices
+/// reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct UsageHour {
+    pub application_id: ApplicationId,
+    /// The start of the hour (UTC, on the hour).
+    pub hour: DateTime<Utc>,
+    /// Milliseconds the workload was awake (running, not asleep).
+    pub awake_ms: u64,
+    pub requests: u64,
+    /// Bytes from clients to the workload and back, as the device's proxy counted them.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub wakes: u64,
+}
+
+/// The answer of `GET /v1/usage?from=..&to=..[&organization_id=..]`: an organization's usage
+/// per application and hour, oldest first, with the totals over the period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct UsageReport {
+    pub organization_id: OrganizationId,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub hours: Vec<UsageHour>,
 }
 
 /// One output line of an application's workload.

@@ -138,6 +138,7 @@ mod tests {
                 state,
                 applied_revision: None,
                 last_seen_at: None,
+                cloud_host: None,
             },
         }
     }

@@ -316,6 +316,7 @@ impl Agent {
             applied_revision: None,
             capabilities: Vec::new(),
             agent_version: "test".into(),
+            cloud_host: None,
         };
         agent.socket.send(Message::text(encode(&hello))).await?;
         Ok(agent)

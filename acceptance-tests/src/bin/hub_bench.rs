@@ -317,6 +317,7 @@ impl SimulatedAgent {
             applied_revision: None,
             capabilities: vec!["process".into()],
             agent_version: "hub-bench".into(),
+            cloud_host: None,
         };
         socket.send(Message::text(encode(&hello))).await?;
         let mut snapshot_taken = false;
@@ -345,7 +346,8 @@ impl SimulatedAgent {
                 ServerMessage::Welcome { .. }
                 | ServerMessage::Edges { .. }
                 | ServerMessage::Certificate { .. }
-                | ServerMessage::Access { .. } => {}
+                | ServerMessage::Access { .. }
+                | ServerMessage::UsageAck { .. } => {}
                 ServerMessage::Error { code, message } => bail!("the server sent an error: {code:?}: {message}"),
             }
         }

@@ -206,6 +206,7 @@ impl<L: Local + ?Sized> Session<'_, L> {
             applied_revision,
             capabilities: hello.capabilities.clone(),
             agent_version: hello.agent_version.clone(),
+            cloud_host: None,
         };
         if let Err(end) = send(self.config, tx, &message).await {
             return end;
@@ -277,6 +278,7 @@ impl<L: Local + ?Sized> Session<'_, L> {
                         code => format!("{message} ({})", code.as_str()),
                     }));
                 }
+                ServerMessage::UsageAck { .. } => {}
                 ServerMessage::Ping { nonce } => {
                     // Before welcome, the writer is not running yet: answer directly.
                     send(self.config, tx, &AgentMessage::Pong { nonce }).await?;
@@ -355,6 +357,10 @@ impl<L: Local + ?Sized> Session<'_, L> {
                 }
                 ServerMessage::Welcome { .. } => {
                     tracing::warn!("the server sent a second welcome; ignored");
+                    Ok(())
+                }
+                ServerMessage::UsageAck { seq } => {
+                    tracing::debug!(seq, "usage stored up to");
                     Ok(())
                 }
                 ServerMessage::Error { code, message } => {

@@ -133,6 +133,7 @@ mod tests {
                 state: DeviceState::Pending,
                 applied_revision: None,
                 last_seen_at: None,
+                cloud_host: None,
             },
         };
         let state = Managed::<DeviceModel>::state(&device).unwrap();

@@ -150,6 +150,7 @@ mod tests {
             revision: 2,
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
+            host: None,
             spec: PlacementSpec::Cloud {
                 application_id: ApplicationId::new(),
                 pool_id: None,

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::access::AssertionKey;
 
-use crate::model::{Application, ApplicationId, DeviceId, EdgeId, Hostname, Revision};
+use crate::model::{Application, ApplicationId, DeviceId, EdgeId, HostCapacity, Hostname, Revision};
 
 /// What an agent sends the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +54,11 @@ pub enum AgentMessage {
         #[serde(default)]
         capabilities: Vec<String>,
         agent_version: String,
+        /// Present when the agent runs as a cloud host (`--cloud-host`): the capacity it offers.
+        /// The server refuses it unless the device is in a `cloud` pool of an operator
+        /// organization.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cloud_host: Option<HostCapacity>,
     },
     /// The agent applied desired state at this revision. Acks of revisions older than one
     /// already acknowledged are ignored.
@@ -72,6 +77,10 @@ pub enum AgentMessage {
     },
     /// The answer to a `ping`, with its nonce.
     Pong { nonce: u64 },
+    /// Usage counted since the previous records, per application. The agent keeps records
+    /// (on disk) until a `usage_ack` covers their `seq`, and sends them again in a new session;
+    /// the server stores each `(device, seq)` once, so nothing is counted twice.
+    Usage { records: Vec<UsageRecord> },
     /// Asks the server to sign a certificate for an application placed on this device. The
     /// agent generated the key, which never leaves the device.
     CertificateRequest {
@@ -140,6 +149,8 @@ pub enum ServerMessage {
     },
     /// Answer with a `pong` carrying the same nonce, or the server closes the session.
     Ping { nonce: u64 },
+    /// Every usage record with a `seq` up to this one is stored.
+    UsageAck { seq: u64 },
     /// The server could not handle a frame the agent sent, or is ending the session.
     Error {
         #[serde(default)]
@@ -177,6 +188,21 @@ pub struct ShortCodeDigest {
     pub version: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// What one application used over `[start, end)`, as the device counted it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// Grows by one with every record the device makes (across restarts).
+    pub seq: u64,
+    pub application_id: ApplicationId,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub awake_ms: u64,
+    pub requests: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub wakes: u64,
 }
 
 /// One edge, as a device's WireGuard peer.
@@ -339,6 +365,8 @@ pub enum Phase {
     Unhealthy,
     Stopped,
     Failed,
+    Sleeping,
+    Waking,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -47,6 +47,7 @@ pub(super) fn to_model(row: device::Model) -> Result<Device, StoreError> {
             state: enum_from_text("device state", &row.state)?,
             applied_revision: row.applied_revision.map(revision).transpose()?,
             last_seen_at: row.last_seen_at,
+            cloud_host: None,
         },
     })
 }

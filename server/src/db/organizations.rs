@@ -37,7 +37,7 @@ pub(super) fn to_model(row: organization::Model) -> Result<Organization, StoreEr
         revision: revision(row.revision)?,
         created_at: row.created_at,
         updated_at: row.updated_at,
-        spec: OrganizationSpec { name: parse("organization name", &row.name)? },
+        spec: OrganizationSpec { name: parse("organization name", &row.name)?, operator: false },
     })
 }
 
@@ -75,7 +75,7 @@ impl Db {
             if organization::Entity::find().count(&write.txn).await? > 0 {
                 return Ok(None);
             }
-            let spec = OrganizationSpec { name: name.clone() };
+            let spec = OrganizationSpec { name: name.clone(), operator: false };
             create(&write, &spec, BOOTSTRAP_KEY_NAME, Scope::Platform, key).await.map(Some)
         }
         .await;

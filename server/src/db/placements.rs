@@ -43,6 +43,7 @@ fn to_model(row: placement::Model) -> Result<Placement, StoreError> {
         revision: revision(row.revision)?,
         created_at: row.created_at,
         updated_at: row.updated_at,
+        host: spec.device_id(),
         spec,
     })
 }

@@ -268,7 +268,8 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                 return Err(self.refuse(error.reason(), error.code(), message, close::PROTOCOL_ERROR).await);
             }
         };
-        let AgentMessage::Hello { device_id, public_key, applied_revision, capabilities, agent_version } = hello else {
+        let AgentMessage::Hello { device_id, public_key, applied_revision, capabilities, agent_version, .. } = hello
+        else {
             let message = format!("the first frame must be hello, not {}", message_type(&hello));
             return Err(self.refuse("unexpected", ErrorCode::Unexpected, message, close::PROTOCOL_ERROR).await);
         };
@@ -537,6 +538,11 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
             AgentMessage::CertificateRequest { application_id, csr_pem } => {
                 self.on_certificate_request(application_id, &csr_pem).await?;
             }
+            AgentMessage::Usage { records } => {
+                // Stored and acknowledged by the usage ledger (issue 9), which is not built yet:
+                // the agent keeps the records until acknowledged.
+                tracing::debug!(records = records.len(), "usage records not stored yet");
+            }
             AgentMessage::Ack { revision } => {
                 if revision > self.offered.revision {
                     let message = format!(
@@ -699,6 +705,7 @@ fn message_type(message: &AgentMessage) -> &'static str {
         AgentMessage::Pong { .. } => "pong",
         AgentMessage::Error { .. } => "error",
         AgentMessage::CertificateRequest { .. } => "certificate_request",
+        AgentMessage::Usage { .. } => "usage",
     }
 }
 
@@ -710,6 +717,8 @@ fn phase(phase: Phase) -> ApplicationPhase {
         Phase::Unhealthy => ApplicationPhase::Unhealthy,
         Phase::Stopped => ApplicationPhase::Stopped,
         Phase::Failed => ApplicationPhase::Failed,
+        Phase::Sleeping => ApplicationPhase::Sleeping,
+        Phase::Waking => ApplicationPhase::Waking,
     }
 }
 

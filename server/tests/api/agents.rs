@@ -134,6 +134,7 @@ impl TestAgent {
             applied_revision: applied,
             capabilities: vec!["process".into()],
             agent_version: "test".into(),
+            cloud_host: None,
         })
         .await?;
         let welcome = self.recv().await?;
@@ -514,6 +515,7 @@ pub async fn hostile_frames_get_error_frames(url: String) -> anyhow::Result<()> 
         applied_revision: None,
         capabilities: vec![],
         agent_version: "test".into(),
+        cloud_host: None,
     });
     let cases = [
         ("not json".to_owned(), ErrorCode::Malformed),
@@ -569,6 +571,7 @@ pub async fn hostile_frames_get_error_frames(url: String) -> anyhow::Result<()> 
             applied_revision: None,
             capabilities: vec![],
             agent_version: "test".into(),
+            cloud_host: None,
         })
         .await?;
     ensure!(impostor.error().await?.0 == ErrorCode::Unexpected);

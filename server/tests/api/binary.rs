@@ -89,7 +89,7 @@ async fn the_binary_serves_bootstraps_and_drains() -> anyhow::Result<()> {
     let client = edgible::Client::new(&server.url, &secret)?;
     let whoami = client.whoami().await?;
     ensure!(whoami.organization.spec.name.as_str() == "platform");
-    let created = client.create::<Organization>(&OrganizationSpec { name: "acme".parse()? }).await?;
+    let created = client.create::<Organization>(&OrganizationSpec { name: "acme".parse()?, operator: false }).await?;
     ensure!(created.admin_key.api_key.spec.name.as_str() == "admin");
     server.stop().await?;
 

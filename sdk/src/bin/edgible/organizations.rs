@@ -63,7 +63,7 @@ pub async fn run(command: OrgCommand, context: &Context) -> anyhow::Result<()> {
             }
         }
         OrgCommand::Create { name } => {
-            let spec = OrganizationSpec { name: name.clone() };
+            let spec = OrganizationSpec { name: name.clone(), operator: false };
             let created: OrganizationCreated =
                 client.create::<Organization>(&spec).await.with_context(|| format!("creating organization {name}"))?;
             match context.format {

@@ -432,6 +432,7 @@ applications:
                 state: DeviceState::Pending,
                 applied_revision: None,
                 last_seen_at: None,
+                cloud_host: None,
             },
         }
     }
@@ -473,6 +474,7 @@ applications:
             revision,
             created_at: now,
             updated_at: now,
+            host: spec.device_id(),
             spec,
         }
     }

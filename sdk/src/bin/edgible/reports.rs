@@ -24,6 +24,8 @@ pub fn phase_name(phase: ApplicationPhase) -> &'static str {
         ApplicationPhase::Unhealthy => "unhealthy",
         ApplicationPhase::Stopped => "stopped",
         ApplicationPhase::Failed => "failed",
+        ApplicationPhase::Sleeping => "sleeping",
+        ApplicationPhase::Waking => "waking",
     }
 }
 
