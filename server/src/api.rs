@@ -18,6 +18,7 @@ mod organizations;
 mod placements;
 mod reports;
 mod system;
+mod usage;
 
 use axum::Json;
 use axum::extract::DefaultBodyLimit;
@@ -74,6 +75,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/applications/{id}/status", get(reports::status))
         .route("/v1/applications/{id}/logs", get(reports::logs))
         .route("/v1/events", get(reports::events))
+        .route("/v1/usage", get(usage::report))
         .route("/v1/agent/enroll", post(agents::enroll))
         .route("/v1/agent/connect", get(agents::connect))
         .route("/v1/edge/enroll", post(edge_session::enroll))
@@ -163,6 +165,7 @@ fn tagged<T: Serialize>(status: StatusCode, revision: Revision, value: T) -> Res
         applications::list, applications::create, applications::get, applications::update, applications::delete,
         placements::list, placements::create, placements::get, placements::update, placements::delete,
         reports::status, reports::logs, reports::events,
+        usage::report,
         agents::enroll, agents::connect,
         edge_session::enroll, edge_session::connect, edge_session::ca_pem,
         domains::list, domains::create, domains::get, domains::verify, domains::delete,
@@ -183,6 +186,7 @@ fn tagged<T: Serialize>(status: StatusCode, revision: Revision, value: T) -> Res
         (name = "applications", description = "Workloads and how they are exposed"),
         (name = "placements", description = "Where each application runs"),
         (name = "events", description = "Lifecycle events agents reported"),
+        (name = "usage", description = "Metered usage per application and hour, as agents reported it"),
         (name = "agents", description = "Enrollment and the push session of device agents"),
         (name = "domains", description = "Domains an organization proves it owns, for application hostnames"),
     )

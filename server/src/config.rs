@@ -174,6 +174,11 @@ pub struct ServeConfig {
     /// removed member keeps access.
     #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=86_400))]
     pub access_session_ttl: u64,
+
+    /// Seconds a cloud host may stay offline before its stateless applications (those
+    /// without volumes) are rescheduled onto other cloud hosts.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub cloud_reschedule_after: u64,
 }
 
 impl ServeConfig {
@@ -202,6 +207,11 @@ impl ServeConfig {
             self.server_key_file.as_deref().map(crate::certs::sealed::ServerKey::load_or_create).transpose()?;
         let public_url = self.public_url.clone().unwrap_or_else(|| format!("http://{listening}"));
         Ok(crate::access::AccessSettings::new(&public_url, Duration::from_secs(self.access_session_ttl), server_key))
+    }
+
+    /// How long a cloud host may stay offline before its applications are moved.
+    pub fn cloud_reschedule_after(&self) -> Duration {
+        Duration::from_secs(self.cloud_reschedule_after)
     }
 
     /// The timing of agent sessions.
@@ -387,5 +397,20 @@ mod tests {
         assert!(parse(&["serve", "--database", "sqlite://x", "--bootstrap", "platform"]).is_err());
         assert!(parse(&["bootstrap", "--database", "sqlite://x", "--organization", "Not Valid"]).is_err());
         assert!(parse(&["bootstrap", "--database", "sqlite://x", "--organization", "acme"]).is_ok());
+    }
+
+    #[test]
+    fn cloud_hosts_are_rescheduled_after_five_minutes_unless_told_otherwise() {
+        let serve = |extra: &[&str]| {
+            let mut args = vec!["serve", "--database", "sqlite://x"];
+            args.extend_from_slice(extra);
+            parse(&args).map(|config| match config.command {
+                Command::Serve(serve) => serve.cloud_reschedule_after(),
+                Command::Bootstrap(_) => panic!("expected serve"),
+            })
+        };
+        assert_eq!(serve(&[]).expect("the default"), Duration::from_secs(300));
+        assert_eq!(serve(&["--cloud-reschedule-after", "5"]).expect("five seconds"), Duration::from_secs(5));
+        assert!(serve(&["--cloud-reschedule-after", "0"]).is_err(), "never would strand applications");
     }
 }

@@ -15,6 +15,7 @@ mod agents;
 mod api_keys;
 mod applications;
 mod certificate_authority;
+mod cloud;
 mod device_pools;
 mod devices;
 mod domains;
@@ -25,6 +26,7 @@ mod migration;
 mod organizations;
 mod placements;
 mod scoped;
+mod usage;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -44,7 +46,9 @@ use uuid::Uuid;
 pub use self::access::{LoginUser, StoredAssertionKey};
 pub use self::acme::{CertificateState, CertificateSummary, StoredOrder};
 pub use self::agents::{EVENTS_KEPT, EnrollError, EventQuery, StatusReport};
+pub use self::cloud::{CloudHostError, Rescheduled, Stranded};
 pub use self::edges::EdgeEnrolled;
+pub use self::usage::{MAX_RECORDS_PER_MESSAGE, RefusedRecord, UsageOutcome};
 
 /// Why a database operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use edgible::model::{Application, ApplicationId, DeviceId, PlacementSpec, Revision};
+use edgible::model::{Application, ApplicationId, DeviceId, Revision};
 use edgible::protocol::v1::ServerMessage;
 
 /// The applications a device should run, at a revision.
@@ -70,11 +70,10 @@ impl Offered {
     }
 }
 
-/// The devices whose desired state a placement change touches: the device it leaves and the
-/// device it comes to (once each). Cloud placements name no device until they are scheduled.
-pub fn placement_devices(before: Option<&PlacementSpec>, after: Option<&PlacementSpec>) -> Vec<DeviceId> {
-    let before = before.and_then(PlacementSpec::device_id);
-    let after = after.and_then(PlacementSpec::device_id);
+/// The devices whose desired state a placement change touches: the host it leaves and the
+/// host it comes to (once each). A placement's host is the device of a `serving-device`
+/// placement or the cloud host the scheduler chose for a `cloud` one.
+pub fn placement_devices(before: Option<DeviceId>, after: Option<DeviceId>) -> Vec<DeviceId> {
     match (before, after) {
         (Some(old), Some(new)) if old == new => vec![old],
         (old, new) => old.into_iter().chain(new).collect(),
@@ -161,15 +160,11 @@ mod tests {
 
     #[test]
     fn placement_changes_touch_the_old_and_the_new_device() {
-        let application_id = ApplicationId::new();
         let (first, second) = (DeviceId::new(), DeviceId::new());
-        let on = |device_id| PlacementSpec::ServingDevice { application_id, device_id };
-        let cloud = PlacementSpec::Cloud { application_id, pool_id: None, region: Some("eu".parse().expect("region")) };
-        assert_eq!(placement_devices(None, Some(&on(first))), vec![first]);
-        assert_eq!(placement_devices(Some(&on(first)), Some(&on(second))), vec![first, second]);
-        assert_eq!(placement_devices(Some(&on(first)), Some(&on(first))), vec![first]);
-        assert_eq!(placement_devices(Some(&on(first)), None), vec![first]);
-        assert_eq!(placement_devices(Some(&on(first)), Some(&cloud)), vec![first]);
-        assert_eq!(placement_devices(Some(&cloud), None), Vec::<DeviceId>::new());
+        assert_eq!(placement_devices(None, Some(first)), vec![first]);
+        assert_eq!(placement_devices(Some(first), Some(second)), vec![first, second]);
+        assert_eq!(placement_devices(Some(first), Some(first)), vec![first]);
+        assert_eq!(placement_devices(Some(first), None), vec![first]);
+        assert_eq!(placement_devices(None, None), Vec::<DeviceId>::new());
     }
 }

@@ -15,6 +15,8 @@ pub mod edge_config;
 pub mod hub;
 pub mod logs;
 pub mod metrics;
+pub mod rescheduler;
+pub mod scheduler;
 pub mod secrets;
 pub mod serve;
 

@@ -81,6 +81,8 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     tracing::info!(%url, "listening");
 
     let (stop, stopped) = watch::channel(false);
+    let rescheduler =
+        tokio::spawn(crate::rescheduler::run(state.db().clone(), config.cloud_reschedule_after(), stop.subscribe()));
     let acme_state = state.clone();
     // Connection info gives the login pages the client's address to rate-limit by.
     let service = router(state).into_make_service_with_connect_info::<SocketAddr>();
@@ -97,6 +99,8 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     tracing::info!(deadline = ?config.drain_deadline(), "shutting down; draining open requests");
     acme_state.stop_acme();
     let _ = stop.send(true);
+    // It stops at the signal; nothing of it needs draining.
+    let _ = rescheduler.await;
     match tokio::time::timeout(config.drain_deadline(), &mut server).await {
         Ok(joined) => finished(joined),
         Err(_) => {

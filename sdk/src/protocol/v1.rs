@@ -149,7 +149,9 @@ pub enum ServerMessage {
     },
     /// Answer with a `pong` carrying the same nonce, or the server closes the session.
     Ping { nonce: u64 },
-    /// Every usage record with a `seq` up to this one is stored.
+    /// Every usage record with a `seq` up to this one is settled: stored, or refused for good
+    /// (each refusal was named in an `error` frame). The agent drops them all. The `seq` itself
+    /// is always one of a stored record, so a refused record alone is never acknowledged.
     UsageAck { seq: u64 },
     /// The server could not handle a frame the agent sent, or is ending the session.
     Error {

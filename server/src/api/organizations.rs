@@ -1,6 +1,7 @@
 //! `/v1/organizations`. A key sees its own organization; a `platform` key may also read,
 //! rename and delete others by id, and is the only kind that creates or deletes them. To
-//! anyone else another organization does not exist (404).
+//! anyone else another organization does not exist (404). Only a `platform` key makes an
+//! organization an operator (one that runs cloud hosts) or changes an operator organization.
 
 use axum::Json;
 use axum::extract::State;
@@ -80,6 +81,13 @@ pub async fn update(
 ) -> Result<Response, ApiError> {
     check_visible(&caller, id)?;
     caller.require(if id == caller.organization_id { Scope::Admin } else { Scope::Platform })?;
+    let current = state.db.organization(id).await.map_err(|e| ApiError::from_store(e, KIND, &id))?;
+    if (current.spec.operator || spec.operator) && !caller.holds(Scope::Platform) {
+        return Err(ApiError::Forbidden(
+            "operator: only a platform key may make an organization an operator or change an operator organization"
+                .into(),
+        ));
+    }
     let organization =
         state.db.update_organization(id, expected, &spec).await.map_err(|e| ApiError::from_store(e, KIND, &id))?;
     Ok(tagged(StatusCode::OK, organization.revision, organization))

@@ -8,6 +8,8 @@
 //! server key is configured). Writes that change what a device is pushed record the device in
 //! the write's [`Woken`](super::Woken) set, so its session re-reads after commit.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use edgible::access::short_code_digest;
 use edgible::model::{
@@ -100,19 +102,30 @@ fn has_access_scope(scopes: &str) -> Result<bool, StoreError> {
     Ok(scopes.contains(&Scope::Access))
 }
 
-/// Records that every device of the organization must re-read its access secrets after
-/// commit (an `access`-scope API key came or went).
+/// Records that every device of the organization, and every cloud host running one of its
+/// applications, must re-read its access secrets after commit (an `access`-scope API key came
+/// or went).
 pub(super) async fn touch_organization_devices(
     write: &Write,
     organization_id: OrganizationId,
 ) -> Result<(), StoreError> {
-    let devices: Vec<uuid::Uuid> = device::Entity::find()
+    let mut devices: Vec<uuid::Uuid> = device::Entity::find()
         .select_only()
         .column(device::Column::Id)
         .filter(device::Column::OrganizationId.eq(organization_id.0))
         .into_tuple()
         .all(&write.txn)
         .await?;
+    let hosts: Vec<Option<uuid::Uuid>> = placement::Entity::find()
+        .select_only()
+        .column(placement::Column::DeviceId)
+        .filter(placement::Column::OrganizationId.eq(organization_id.0))
+        .into_tuple()
+        .all(&write.txn)
+        .await?;
+    devices.extend(hosts.into_iter().flatten());
+    devices.sort_unstable();
+    devices.dedup();
     write.touch(&devices.into_iter().map(DeviceId).collect::<Vec<_>>());
     Ok(())
 }
@@ -589,9 +602,9 @@ impl Db {
         device_id: DeviceId,
         now: DateTime<Utc>,
     ) -> Result<Vec<ApplicationAccess>, StoreError> {
-        let Some(device) = device::Entity::find_by_id(device_id.0).one(&self.conn).await? else {
+        if device::Entity::find_by_id(device_id.0).one(&self.conn).await?.is_none() {
             return Ok(Vec::new());
-        };
+        }
         let placed: Vec<uuid::Uuid> = placement::Entity::find()
             .select_only()
             .column(placement::Column::ApplicationId)
@@ -608,7 +621,9 @@ impl Db {
             .all(&self.conn)
             .await?;
         let unexpired = |expires_at: Option<DateTime<Utc>>| expires_at.is_none_or(|expires_at| expires_at > now);
-        let mut organization_keys: Option<Vec<AccessKeyDigest>> = None;
+        // Per organization: a cloud host runs applications of several organizations, and each
+        // application accepts only its own organization's keys.
+        let mut organization_keys: BTreeMap<uuid::Uuid, Vec<AccessKeyDigest>> = BTreeMap::new();
         let mut applications = Vec::new();
         for row in rows {
             let application = super::applications::to_model(row)?;
@@ -627,9 +642,10 @@ impl Db {
                         .filter(|key| unexpired(key.expires_at))
                         .map(|key| AccessKeyDigest { sha256: key.secret_sha256, expires_at: key.expires_at }),
                 );
-                if organization_keys.is_none() {
+                let organization_id = application.organization_id.0;
+                if let std::collections::btree_map::Entry::Vacant(entry) = organization_keys.entry(organization_id) {
                     let keys = api_key::Entity::find()
-                        .filter(api_key::Column::OrganizationId.eq(device.organization_id))
+                        .filter(api_key::Column::OrganizationId.eq(organization_id))
                         .all(&self.conn)
                         .await?;
                     let mut digests = Vec::new();
@@ -638,9 +654,9 @@ impl Db {
                             digests.push(AccessKeyDigest { sha256: key.secret_sha256, expires_at: key.expires_at });
                         }
                     }
-                    organization_keys = Some(digests);
+                    entry.insert(digests);
                 }
-                api_keys.extend(organization_keys.iter().flatten().cloned());
+                api_keys.extend(organization_keys.get(&organization_id).into_iter().flatten().cloned());
                 api_keys.sort_by(|a, b| a.sha256.cmp(&b.sha256));
             }
             let short_code = if policy.short_code.is_some() {

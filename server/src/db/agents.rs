@@ -321,9 +321,11 @@ impl Db {
         if reports.is_empty() {
             return Ok(0);
         }
-        let placed: Vec<Uuid> = placement::Entity::find()
+        // With each application's organization: a cloud host runs other organizations' ones.
+        let placed: Vec<(Uuid, Uuid)> = placement::Entity::find()
             .select_only()
             .column(placement::Column::ApplicationId)
+            .column(placement::Column::OrganizationId)
             .filter(placement::Column::DeviceId.eq(device.id.0))
             .filter(placement::Column::ApplicationId.is_in(reports.iter().map(|report| report.application_id.0)))
             .into_tuple()
@@ -332,10 +334,13 @@ impl Db {
         let now = now();
         let _guard = self.status_write_lock().await;
         let mut stored = 0;
-        for report in reports.iter().filter(|report| placed.contains(&report.application_id.0)) {
+        for report in reports {
+            let Some(&(_, organization_id)) = placed.iter().find(|(id, _)| *id == report.application_id.0) else {
+                continue;
+            };
             let row = application_status::ActiveModel {
                 application_id: Set(report.application_id.0),
-                organization_id: Set(device.organization_id.0),
+                organization_id: Set(organization_id),
                 device_id: Set(device.id.0),
                 phase: Set(enum_text(&report.phase)?),
                 message: Set(report.message.clone()),
@@ -409,7 +414,9 @@ impl Db {
 
     /// Stores an event of `device` and drops the oldest beyond [`EVENTS_KEPT`] of the same
     /// application (or device, for events of no application). An event naming an application
-    /// outside the device's organization is ignored; answers whether it was stored.
+    /// neither of the device's organization nor placed on the device (a cloud host runs other
+    /// organizations' applications) is ignored; answers whether it was stored. An
+    /// application's event belongs to the application's organization.
     pub async fn record_event(
         &self,
         device: &Device,
@@ -417,16 +424,40 @@ impl Db {
         at: DateTime<Utc>,
         message: &str,
     ) -> Result<bool, StoreError> {
+        let mut organization_id = device.organization_id;
         if let Some(application_id) = application_id
             && !self.application_exists(device.organization_id, application_id).await?
         {
-            return Ok(false);
+            let guest: Option<Uuid> = placement::Entity::find()
+                .select_only()
+                .column(placement::Column::OrganizationId)
+                .filter(placement::Column::ApplicationId.eq(application_id.0))
+                .filter(placement::Column::DeviceId.eq(device.id.0))
+                .into_tuple()
+                .one(&self.conn)
+                .await?;
+            let Some(guest) = guest else {
+                return Ok(false);
+            };
+            organization_id = OrganizationId(guest);
         }
+        self.insert_event(organization_id, device.id, application_id, at, message).await
+    }
+
+    /// Stores an event and drops the oldest beyond [`EVENTS_KEPT`] of its scope.
+    pub(super) async fn insert_event(
+        &self,
+        organization_id: OrganizationId,
+        device_id: DeviceId,
+        application_id: Option<ApplicationId>,
+        at: DateTime<Utc>,
+        message: &str,
+    ) -> Result<bool, StoreError> {
         let _guard = self.status_write_lock().await;
         event::ActiveModel {
             id: Set(EventId::new().0),
-            organization_id: Set(device.organization_id.0),
-            device_id: Set(device.id.0),
+            organization_id: Set(organization_id.0),
+            device_id: Set(device_id.0),
             application_id: Set(application_id.map(|id| id.0)),
             at: Set(at),
             message: Set(message.to_owned()),
@@ -436,7 +467,7 @@ impl Db {
         let scope = match application_id {
             Some(application_id) => Condition::all().add(event::Column::ApplicationId.eq(application_id.0)),
             None => Condition::all()
-                .add(event::Column::DeviceId.eq(device.id.0))
+                .add(event::Column::DeviceId.eq(device_id.0))
                 .add(event::Column::ApplicationId.is_null()),
         };
         let oldest_kept: Option<Uuid> = event::Entity::find()

@@ -205,6 +205,7 @@ impl Db {
             check_name(&write, organization_id, spec, Some(id.0)).await?;
             super::domains::check_ownership(&write.txn, organization_id, id, &spec.hostnames, policy).await?;
             check_hostnames(&write.txn, organization_id, id, &spec.hostnames).await?;
+            super::cloud::check_host_still_fits(&write.txn, id, &current.spec, spec).await?;
             let mut active: application::ActiveModel = row.into();
             active.name = Set(spec.name.to_string());
             active.spec = Set(to_json(spec)?);

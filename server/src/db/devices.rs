@@ -8,8 +8,8 @@ use std::net::Ipv4Addr;
 
 use chrono::{DateTime, Utc};
 use edgible::model::{
-    Device, DeviceCreated, DeviceId, DevicePoolId, DeviceSpec, DeviceStatus, LabelKey, OrganizationId, Page, Revision,
-    TunnelCidr,
+    Device, DeviceCreated, DeviceId, DevicePoolId, DeviceSpec, DeviceStatus, HostCapacity, LabelKey, OrganizationId,
+    Page, Revision, TunnelCidr,
 };
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect, Set,
@@ -32,6 +32,7 @@ const DEVICES: Scoped<device::Entity> = Scoped {
 
 pub(super) fn to_model(row: device::Model) -> Result<Device, StoreError> {
     let labels: BTreeMap<LabelKey, String> = parse_json("device labels", &row.labels)?;
+    let cloud_host = cloud_host(&row)?;
     let address = u32::try_from(row.tunnel_address)
         .map_err(|_| StoreError::Corrupt(format!("tunnel address {} is not an IPv4 address", row.tunnel_address)))?;
     Ok(Device {
@@ -47,9 +48,25 @@ pub(super) fn to_model(row: device::Model) -> Result<Device, StoreError> {
             state: enum_from_text("device state", &row.state)?,
             applied_revision: row.applied_revision.map(revision).transpose()?,
             last_seen_at: row.last_seen_at,
-            cloud_host: None,
+            cloud_host,
         },
     })
+}
+
+/// The capacity stored for a cloud host: all three columns or none.
+pub(super) fn cloud_host(row: &device::Model) -> Result<Option<HostCapacity>, StoreError> {
+    let number = |what: &str, value: i64| {
+        u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("device {} has {what} {value}", row.id)))
+    };
+    match (row.cloud_vcpus, row.cloud_memory_mib, row.cloud_disk_mib) {
+        (Some(vcpus), Some(memory_mib), Some(disk_mib)) => Ok(Some(HostCapacity {
+            vcpus: u32::try_from(number("cloud vcpus", vcpus)?)
+                .map_err(|_| StoreError::Corrupt(format!("device {} has cloud vcpus {vcpus}", row.id)))?,
+            memory_mib: number("cloud memory", memory_mib)?,
+            disk_mib: number("cloud disk", disk_mib)?,
+        })),
+        _ => Ok(None),
+    }
 }
 
 /// The lowest address of `cidr` that is not in `used`, which must be sorted ascending.
@@ -150,6 +167,9 @@ impl Db {
                 credential_sha256: Set(None),
                 desired_revision: Set(write.revision_column()),
                 session_id: Set(None),
+                cloud_vcpus: Set(None),
+                cloud_memory_mib: Set(None),
+                cloud_disk_mib: Set(None),
                 revision: Set(write.revision_column()),
                 created_at: Set(write.now),
                 updated_at: Set(write.now),

@@ -31,6 +31,8 @@ pub mod organization {
         #[sea_orm(primary_key, auto_increment = false)]
         pub id: Uuid,
         pub name: String,
+        /// Whether it runs cloud hosts (issue 9); only a `platform` key sets it.
+        pub operator: bool,
         pub revision: i64,
         pub created_at: ChronoDateTimeUtc,
         pub updated_at: ChronoDateTimeUtc,
@@ -172,6 +174,11 @@ pub mod device {
         /// The agent session that marked the device online, so that only that session marks
         /// it offline again.
         pub session_id: Option<Uuid>,
+        /// The capacity its agent declared as a cloud host at its last hello (all three or
+        /// none).
+        pub cloud_vcpus: Option<i64>,
+        pub cloud_memory_mib: Option<i64>,
+        pub cloud_disk_mib: Option<i64>,
         pub revision: i64,
         pub created_at: ChronoDateTimeUtc,
         pub updated_at: ChronoDateTimeUtc,
@@ -239,6 +246,8 @@ pub mod placement {
         pub organization_id: Uuid,
         pub application_id: Uuid,
         pub strategy: String,
+        /// Where the application runs: the device a `serving-device` placement names, or the
+        /// cloud host the scheduler chose for a `cloud` one (none while nothing is chosen).
         pub device_id: Option<Uuid>,
         pub pool_id: Option<Uuid>,
         pub region: Option<String>,
@@ -547,6 +556,85 @@ pub mod login_session {
         pub user_id: Uuid,
         pub created_at: ChronoDateTimeUtc,
         pub expires_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// One usage record as an agent reported it, kept once per `(device_id, seq)`.
+pub mod usage_record {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "usage_records")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub device_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub seq: i64,
+        /// The application's organization (not necessarily the device's).
+        pub organization_id: Uuid,
+        pub application_id: Uuid,
+        pub start_at: ChronoDateTimeUtc,
+        pub end_at: ChronoDateTimeUtc,
+        pub received_at: ChronoDateTimeUtc,
+        pub awake_ms: i64,
+        pub requests: i64,
+        pub bytes_in: i64,
+        pub bytes_out: i64,
+        pub wakes: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// An application's usage in one hour, summed over the records stored.
+pub mod usage_hour {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "usage_hours")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub organization_id: Uuid,
+        /// The start of the hour.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub hour: ChronoDateTimeUtc,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub application_id: Uuid,
+        pub awake_ms: i64,
+        pub requests: i64,
+        pub bytes_in: i64,
+        pub bytes_out: i64,
+        pub wakes: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// An application a device's session gave the device, and until when (`None`: it still has
+/// it), so that usage it reports is accepted.
+pub mod usage_placement {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "usage_placements")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub device_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub application_id: Uuid,
+        pub organization_id: Uuid,
+        pub placed_until: Option<ChronoDateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -18,6 +18,8 @@ impl MigratorTrait for Migrator {
             Box::new(Domains),
             Box::new(AcmeCertificates),
             Box::new(Access),
+            Box::new(CloudHosts),
+            Box::new(Usage),
         ]
     }
 }
@@ -555,6 +557,95 @@ impl MigrationTrait for Access {
             )
             .await?;
         manager.create_index(index("ix_login_sessions_user", "login_sessions", &["user_id"])).await?;
+        Ok(())
+    }
+}
+
+/// Cloud placement (issue 9): operator organizations, the capacity a cloud host's agent
+/// declared (all three set or none). The scheduler's choice of host is stored in a placement's
+/// `device_id`, the column that already says where an application runs.
+struct CloudHosts;
+
+impl MigrationName for CloudHosts {
+    fn name(&self) -> &str {
+        "m0007_cloud_hosts"
+    }
+}
+
+// See `Initial` for why the lifetime is elided.
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for CloudHosts {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let mut operator = ColumnDef::new(name("operator")).boolean().not_null().default(false).to_owned();
+        manager.alter_table(Table::alter().table(name("organizations")).add_column(&mut operator).to_owned()).await?;
+        // SQLite alters one column per statement.
+        for column in ["cloud_vcpus", "cloud_memory_mib", "cloud_disk_mib"] {
+            let mut capacity = ColumnDef::new(name(column)).big_integer().null().to_owned();
+            manager.alter_table(Table::alter().table(name("devices")).add_column(&mut capacity).to_owned()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Usage metering (issue 9): every record an agent reported, once per `(device_id, seq)`; the
+/// per-hour sums the API answers from; and which applications each device was given, so a
+/// record that arrives after its application moved away is still accepted (`db::usage`). No
+/// foreign keys: usage is a billing record that outlives the application and the device.
+struct Usage;
+
+impl MigrationName for Usage {
+    fn name(&self) -> &str {
+        "m0008_usage"
+    }
+}
+
+fn counter(column: &'static str) -> ColumnDef {
+    ColumnDef::new(name(column)).big_integer().not_null().to_owned()
+}
+
+// See `Initial` for why the lifetime is elided.
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for Usage {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let counters = ["awake_ms", "requests", "bytes_in", "bytes_out", "wakes"];
+        let mut records = Table::create()
+            .table(name("usage_records"))
+            .col(ColumnDef::new(name("device_id")).uuid().not_null())
+            .col(ColumnDef::new(name("seq")).big_integer().not_null())
+            .col(ColumnDef::new(name("organization_id")).uuid().not_null())
+            .col(ColumnDef::new(name("application_id")).uuid().not_null())
+            .col(ColumnDef::new(name("start_at")).timestamp_with_time_zone().not_null())
+            .col(ColumnDef::new(name("end_at")).timestamp_with_time_zone().not_null())
+            .col(ColumnDef::new(name("received_at")).timestamp_with_time_zone().not_null())
+            .primary_key(Index::create().col(name("device_id")).col(name("seq")))
+            .to_owned();
+        let mut hours = Table::create()
+            .table(name("usage_hours"))
+            .col(ColumnDef::new(name("organization_id")).uuid().not_null())
+            .col(ColumnDef::new(name("hour")).timestamp_with_time_zone().not_null())
+            .col(ColumnDef::new(name("application_id")).uuid().not_null())
+            .primary_key(Index::create().col(name("organization_id")).col(name("hour")).col(name("application_id")))
+            .to_owned();
+        for column in counters {
+            records.col(counter(column));
+            hours.col(counter(column));
+        }
+        manager.create_table(records).await?;
+        manager.create_table(hours).await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("usage_placements"))
+                    .col(ColumnDef::new(name("device_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("application_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("organization_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("placed_until")).timestamp_with_time_zone().null())
+                    .primary_key(Index::create().col(name("device_id")).col(name("application_id")))
+                    .to_owned(),
+            )
+            .await?;
         Ok(())
     }
 }

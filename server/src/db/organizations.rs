@@ -37,7 +37,7 @@ pub(super) fn to_model(row: organization::Model) -> Result<Organization, StoreEr
         revision: revision(row.revision)?,
         created_at: row.created_at,
         updated_at: row.updated_at,
-        spec: OrganizationSpec { name: parse("organization name", &row.name)?, operator: false },
+        spec: OrganizationSpec { name: parse("organization name", &row.name)?, operator: row.operator },
     })
 }
 
@@ -97,12 +97,18 @@ impl Db {
         let result = async {
             let row = organization::Entity::find_by_id(id.0).one(&write.txn).await?.ok_or(StoreError::NotFound)?;
             check_revision(expected, row.revision)?;
-            if row.name == spec.name.as_str() {
+            if row.name == spec.name.as_str() && row.operator == spec.operator {
                 return to_model(row);
             }
-            check_name_free(&write.txn, spec.name.as_str()).await?;
+            if row.name != spec.name.as_str() {
+                check_name_free(&write.txn, spec.name.as_str()).await?;
+            }
+            if row.operator && !spec.operator {
+                check_no_guests(&write.txn, id).await?;
+            }
             let mut active: organization::ActiveModel = row.into();
             active.name = Set(spec.name.to_string());
+            active.operator = Set(spec.operator);
             active.revision = Set(write.revision_column());
             active.updated_at = Set(write.now);
             to_model(active.update(&write.txn).await?)
@@ -116,6 +122,7 @@ impl Db {
         let write = self.begin_write().await?;
         let result = async {
             organization::Entity::find_by_id(id.0).one(&write.txn).await?.ok_or(StoreError::NotFound)?;
+            check_no_guests(&write.txn, id).await?;
             let txn = &write.txn;
             // Children before parents, so that no foreign key is ever left dangling.
             let devices: Vec<uuid::Uuid> = device::Entity::find()
@@ -132,7 +139,18 @@ impl Db {
                 .filter(application_status::Column::OrganizationId.eq(id.0))
                 .exec(txn)
                 .await?;
+            // Operators' cloud hosts running its applications stop running them.
+            let hosts: Vec<Option<uuid::Uuid>> = placement::Entity::find()
+                .select_only()
+                .column(placement::Column::DeviceId)
+                .filter(placement::Column::OrganizationId.eq(id.0))
+                .into_tuple()
+                .all(txn)
+                .await?;
+            let hosts: Vec<edgible::model::DeviceId> =
+                hosts.into_iter().flatten().map(edgible::model::DeviceId).collect();
             placement::Entity::delete_many().filter(placement::Column::OrganizationId.eq(id.0)).exec(txn).await?;
+            write.change_desired(&hosts).await?;
             application_hostname::Entity::delete_many()
                 .filter(application_hostname::Column::OrganizationId.eq(id.0))
                 .exec(txn)
@@ -165,6 +183,30 @@ impl Db {
     }
 }
 
+/// Refuses to end an operator organization's role (or delete it) while other organizations'
+/// applications are placed on its cloud hosts: they would be left on hosts nobody may run.
+async fn check_no_guests(conn: &impl ConnectionTrait, id: OrganizationId) -> Result<(), StoreError> {
+    let devices: Vec<uuid::Uuid> = device::Entity::find()
+        .select_only()
+        .column(device::Column::Id)
+        .filter(device::Column::OrganizationId.eq(id.0))
+        .into_tuple()
+        .all(conn)
+        .await?;
+    let guests = placement::Entity::find()
+        .filter(placement::Column::DeviceId.is_in(devices))
+        .filter(placement::Column::OrganizationId.ne(id.0))
+        .count(conn)
+        .await?;
+    if guests > 0 {
+        return Err(StoreError::conflict(
+            "operator",
+            format!("{guests} application(s) of other organizations are placed on this organization's cloud hosts"),
+        ));
+    }
+    Ok(())
+}
+
 async fn check_name_free(conn: &impl ConnectionTrait, name: &str) -> Result<(), StoreError> {
     if organization::Entity::find().filter(organization::Column::Name.eq(name)).count(conn).await? > 0 {
         return Err(StoreError::conflict("name", format!("an organization named {name} already exists")));
@@ -184,6 +226,7 @@ async fn create(
     let row = organization::ActiveModel {
         id: Set(id.0),
         name: Set(spec.name.to_string()),
+        operator: Set(spec.operator),
         revision: Set(write.revision_column()),
         created_at: Set(write.now),
         updated_at: Set(write.now),

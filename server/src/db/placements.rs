@@ -1,17 +1,21 @@
 //! Placements: where an application runs. One per application; the application is fixed,
 //! everything else (including the strategy and the device) can change in place.
+//!
+//! The `device_id` column is where the application runs (the placement's `host`): the device
+//! a `serving-device` placement names, or the cloud host the scheduler chose for a `cloud`
+//! one, chosen in the same write (see `cloud.rs`). Every change of host moves the application:
+//! the old host's desired state loses it, the new one's gains it.
 
 use edgible::model::{
-    ApplicationId, DeviceId, DevicePoolId, OrganizationId, Page, Placement, PlacementId, PlacementSpec, PoolKind,
-    Revision,
+    ApplicationId, DeviceId, DevicePoolId, OrganizationId, Page, Placement, PlacementId, PlacementSpec, Revision,
 };
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect, Set,
 };
 
-use super::entities::{application, application_status, device, device_pool, placement};
+use super::entities::{application, application_status, device, placement};
 use super::scoped::Scoped;
-use super::{Db, PageRequest, StoreError, check_revision, enum_from_text, parse, revision};
+use super::{Db, PageRequest, StoreError, check_revision, parse, revision};
 
 /// How placements are read within an organization; they have no name to filter by.
 const PLACEMENTS: Scoped<placement::Entity> = Scoped {
@@ -22,15 +26,15 @@ const PLACEMENTS: Scoped<placement::Entity> = Scoped {
 };
 
 const SERVING_DEVICE: &str = "serving-device";
-const CLOUD: &str = "cloud";
+pub(super) const CLOUD: &str = "cloud";
 
-fn to_model(row: placement::Model) -> Result<Placement, StoreError> {
+pub(super) fn to_model(row: placement::Model) -> Result<Placement, StoreError> {
     let application_id = ApplicationId(row.application_id);
     let spec = match (row.strategy.as_str(), row.device_id) {
         (SERVING_DEVICE, Some(device_id)) => {
             PlacementSpec::ServingDevice { application_id, device_id: DeviceId(device_id) }
         }
-        (CLOUD, None) => PlacementSpec::Cloud {
+        (CLOUD, _) => PlacementSpec::Cloud {
             application_id,
             pool_id: row.pool_id.map(DevicePoolId),
             region: row.region.as_deref().map(|region| parse("placement region", region)).transpose()?,
@@ -43,36 +47,38 @@ fn to_model(row: placement::Model) -> Result<Placement, StoreError> {
         revision: revision(row.revision)?,
         created_at: row.created_at,
         updated_at: row.updated_at,
-        host: spec.device_id(),
+        host: row.device_id.map(DeviceId),
         spec,
     })
 }
 
-/// The stored columns of a spec: strategy, device, pool, region.
-fn columns(spec: &PlacementSpec) -> (&'static str, Option<uuid::Uuid>, Option<uuid::Uuid>, Option<String>) {
+/// The stored columns of a spec placed on `host`: strategy, host, pool, region.
+fn columns(
+    spec: &PlacementSpec,
+    host: DeviceId,
+) -> (&'static str, Option<uuid::Uuid>, Option<uuid::Uuid>, Option<String>) {
     match spec {
-        PlacementSpec::ServingDevice { device_id, .. } => (SERVING_DEVICE, Some(device_id.0), None, None),
+        PlacementSpec::ServingDevice { .. } => (SERVING_DEVICE, Some(host.0), None, None),
         PlacementSpec::Cloud { pool_id, region, .. } => {
-            (CLOUD, None, pool_id.map(|id| id.0), region.as_ref().map(ToString::to_string))
+            (CLOUD, Some(host.0), pool_id.map(|id| id.0), region.as_ref().map(ToString::to_string))
         }
     }
 }
 
-/// Checks that what the spec points at exists in the organization. Objects of other
-/// organizations are reported exactly like missing ones.
+/// Checks that what the spec points at exists in the organization (objects of other
+/// organizations are reported exactly like missing ones) and answers where the application
+/// is to run: the named device, or the cloud host the scheduler chooses.
 async fn check_references(
     conn: &impl ConnectionTrait,
     organization_id: OrganizationId,
     spec: &PlacementSpec,
-) -> Result<(), StoreError> {
+) -> Result<DeviceId, StoreError> {
     let application_id = spec.application_id();
     let application = application::Entity::find_by_id(application_id.0)
         .filter(application::Column::OrganizationId.eq(organization_id.0))
-        .count(conn)
-        .await?;
-    if application == 0 {
-        return Err(StoreError::invalid("application_id", format!("no application {application_id}")));
-    }
+        .one(conn)
+        .await?
+        .ok_or_else(|| StoreError::invalid("application_id", format!("no application {application_id}")))?;
     match spec {
         PlacementSpec::ServingDevice { device_id, .. } => {
             let device = device::Entity::find_by_id(device_id.0)
@@ -82,20 +88,13 @@ async fn check_references(
             if device == 0 {
                 return Err(StoreError::invalid("device_id", format!("no device {device_id}")));
             }
+            Ok(*device_id)
         }
-        PlacementSpec::Cloud { pool_id: Some(pool_id), .. } => {
-            let pool = device_pool::Entity::find_by_id(pool_id.0)
-                .filter(device_pool::Column::OrganizationId.eq(organization_id.0))
-                .one(conn)
-                .await?
-                .ok_or_else(|| StoreError::invalid("pool_id", format!("no device pool {pool_id}")))?;
-            if enum_from_text::<PoolKind>("pool kind", &pool.kind)? != PoolKind::Cloud {
-                return Err(StoreError::invalid("pool_id", format!("device pool {} is not a cloud pool", pool.name)));
-            }
+        PlacementSpec::Cloud { .. } => {
+            let application = super::applications::to_model(application)?;
+            super::cloud::choose_host(conn, spec, &application.spec).await
         }
-        PlacementSpec::Cloud { pool_id: None, .. } => {}
     }
-    Ok(())
 }
 
 /// The device an application is placed on, if it is placed on one.
@@ -115,7 +114,10 @@ pub(super) async fn placed_device(
 
 /// Forgets the status reported for an application that leaves its device: it described the
 /// old device, and the new one reports its own.
-async fn forget_status(conn: &impl ConnectionTrait, application_id: ApplicationId) -> Result<(), StoreError> {
+pub(super) async fn forget_status(
+    conn: &impl ConnectionTrait,
+    application_id: ApplicationId,
+) -> Result<(), StoreError> {
     application_status::Entity::delete_many()
         .filter(application_status::Column::ApplicationId.eq(application_id.0))
         .exec(conn)
@@ -145,9 +147,9 @@ impl Db {
     ) -> Result<Placement, StoreError> {
         let write = self.begin_write().await?;
         let result = async {
-            check_references(&write.txn, organization_id, spec).await?;
             let existing = placement::Entity::find()
                 .filter(placement::Column::ApplicationId.eq(spec.application_id().0))
+                .filter(placement::Column::OrganizationId.eq(organization_id.0))
                 .count(&write.txn)
                 .await?;
             if existing > 0 {
@@ -156,7 +158,8 @@ impl Db {
                     "the application is already placed; update its placement instead",
                 ));
             }
-            let (strategy, device_id, pool_id, region) = columns(spec);
+            let host = check_references(&write.txn, organization_id, spec).await?;
+            let (strategy, device_id, pool_id, region) = columns(spec, host);
             let row = placement::ActiveModel {
                 id: Set(PlacementId::new().0),
                 organization_id: Set(organization_id.0),
@@ -171,8 +174,7 @@ impl Db {
             }
             .insert(&write.txn)
             .await?;
-            let placed = crate::desired::placement_devices(None, Some(spec));
-            write.change_desired(&placed).await?;
+            write.change_desired(&crate::desired::placement_devices(None, Some(host))).await?;
             to_model(row)
         }
         .await;
@@ -203,8 +205,8 @@ impl Db {
             if current.spec == *spec {
                 return Ok(current);
             }
-            check_references(&write.txn, organization_id, spec).await?;
-            let (strategy, device_id, pool_id, region) = columns(spec);
+            let host = check_references(&write.txn, organization_id, spec).await?;
+            let (strategy, device_id, pool_id, region) = columns(spec, host);
             let mut active: placement::ActiveModel = row.into();
             active.strategy = Set(strategy.to_owned());
             active.device_id = Set(device_id);
@@ -213,8 +215,8 @@ impl Db {
             active.revision = Set(write.revision_column());
             active.updated_at = Set(write.now);
             let updated = to_model(active.update(&write.txn).await?)?;
-            write.change_desired(&crate::desired::placement_devices(Some(&current.spec), Some(spec))).await?;
-            if current.spec.device_id() != spec.device_id() {
+            write.change_desired(&crate::desired::placement_devices(current.host, Some(host))).await?;
+            if current.host != Some(host) {
                 forget_status(&write.txn, spec.application_id()).await?;
             }
             Ok(updated)
@@ -229,7 +231,7 @@ impl Db {
             let row = PLACEMENTS.row(&write.txn, organization_id.0, id.0).await?;
             let current = to_model(row)?;
             placement::Entity::delete_by_id(id.0).exec(&write.txn).await?;
-            write.change_desired(&crate::desired::placement_devices(Some(&current.spec), None)).await?;
+            write.change_desired(&crate::desired::placement_devices(current.host, None)).await?;
             forget_status(&write.txn, current.spec.application_id()).await?;
             Ok(())
         }

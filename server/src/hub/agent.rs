@@ -1,9 +1,10 @@
 //! One agent's session: `hello`, then `welcome` and a full snapshot, then the pool's `edges`,
 //! then `access` (login URL, assertion keys, secrets' digests: `crate::access`), then deltas
 //! (and a new `edges` or `access` when that changed) when woken, pings, whatever the agent
-//! reports (acks, status, events, logs), and certificates for the applications placed on the
-//! device (`certificate_request` → `certificate`, or an `error` naming the application and the
-//! reason): signed at once by the internal CA, or, under `--issuer acme`, ordered from the ACME
+//! reports (acks, status, events, logs; usage records, stored and answered with `usage_ack`:
+//! `db::usage`), and certificates for the applications placed on the device
+//! (`certificate_request` → `certificate`, or an `error` naming the application and the reason):
+//! signed at once by the internal CA, or, under `--issuer acme`, ordered from the ACME
 //! CA (`certs::acme`) and sent later through the device's [`Outbox`], which the session empties
 //! whenever it is woken and when it starts.
 //!
@@ -268,7 +269,8 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                 return Err(self.refuse(error.reason(), error.code(), message, close::PROTOCOL_ERROR).await);
             }
         };
-        let AgentMessage::Hello { device_id, public_key, applied_revision, capabilities, agent_version, .. } = hello
+        let AgentMessage::Hello { device_id, public_key, applied_revision, capabilities, agent_version, cloud_host } =
+            hello
         else {
             let message = format!("the first frame must be hello, not {}", message_type(&hello));
             return Err(self.refuse("unexpected", ErrorCode::Unexpected, message, close::PROTOCOL_ERROR).await);
@@ -281,7 +283,18 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
             let message = "hello carries another public key than the device enrolled with; enroll again".to_owned();
             return Err(self.refuse("unexpected", ErrorCode::Unexpected, message, close::POLICY_VIOLATION).await);
         }
-        tracing::info!(%agent_version, ?capabilities, ?applied_revision, "agent said hello");
+        // Only a device in a cloud pool of an operator organization may offer itself as a cloud
+        // host; a hello without `cloud_host` clears what an earlier one declared.
+        match self.agents.db.record_cloud_host(self.device.id, cloud_host).await {
+            Ok(()) => {}
+            Err(crate::db::CloudHostError::Gone) => return Err(self.deleted().await),
+            Err(crate::db::CloudHostError::Store(error)) => return Err(self.failed(&error).await),
+            Err(error) => {
+                let message = format!("hello refused: {error}");
+                return Err(self.refuse("cloud_host", ErrorCode::Unexpected, message, close::POLICY_VIOLATION).await);
+            }
+        }
+        tracing::info!(%agent_version, ?capabilities, ?applied_revision, ?cloud_host, "agent said hello");
         if let Some(applied) = applied_revision
             && let Err(error) = self.agents.db.record_applied(self.device.id, applied).await
         {
@@ -371,6 +384,7 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
             Ok(None) => return Err(self.deleted().await),
             Err(error) => return Err(self.failed(&error).await),
         };
+        self.note_placed(&state).await?;
         let update = if full { Some(self.offered.snapshot(&state)) } else { self.offered.delta_to(&state) };
         if let Some(update) = update {
             self.send(&update).await?;
@@ -538,11 +552,7 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
             AgentMessage::CertificateRequest { application_id, csr_pem } => {
                 self.on_certificate_request(application_id, &csr_pem).await?;
             }
-            AgentMessage::Usage { records } => {
-                // Stored and acknowledged by the usage ledger (issue 9), which is not built yet:
-                // the agent keeps the records until acknowledged.
-                tracing::debug!(records = records.len(), "usage records not stored yet");
-            }
+            AgentMessage::Usage { records } => self.on_usage(&records).await?,
             AgentMessage::Ack { revision } => {
                 if revision > self.offered.revision {
                     let message = format!(
@@ -622,12 +632,64 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
         Ok(())
     }
 
-    /// Whether the application belongs to the device's organization (cached once known).
+    /// Remembers which applications the device is given, whose usage it may then report
+    /// (`db::usage`), before it is told.
+    async fn note_placed(&mut self, state: &crate::desired::DesiredState) -> Result<(), Ended> {
+        let placed: Vec<_> =
+            state.applications.iter().map(|application| (application.id, application.organization_id)).collect();
+        match self.agents.db.note_placed(self.device.id, &placed).await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(self.failed(&error).await),
+        }
+    }
+
+    /// Stores usage records and acknowledges them; refused records are named in an `error`
+    /// frame (see `db::usage` for what is accepted and what an ack covers). When the database
+    /// fails nothing is acknowledged, and the agent sends the records again later.
+    async fn on_usage(&mut self, records: &[edgible::protocol::v1::UsageRecord]) -> Result<(), Ended> {
+        if records.len() > crate::db::MAX_RECORDS_PER_MESSAGE {
+            let message = format!(
+                "usage message refused, nothing stored: {} records, at most {} per message",
+                records.len(),
+                crate::db::MAX_RECORDS_PER_MESSAGE
+            );
+            return self.reject("usage", ErrorCode::Unexpected, message).await;
+        }
+        let outcome = match self.agents.db.record_usage(self.device.id, records).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                tracing::warn!(%error, "cannot store usage records");
+                let message =
+                    format!("{} usage record(s) not stored: the server failed; send them again later", records.len());
+                return self.reject("usage", ErrorCode::Internal, message).await;
+            }
+        };
+        tracing::debug!(
+            stored = outcome.stored,
+            duplicates = outcome.duplicates,
+            refused = outcome.refused.len(),
+            "usage"
+        );
+        if let Some(message) = outcome.refusal_message() {
+            self.reject("usage", ErrorCode::Unexpected, bounded(message, MAX_MESSAGE_BYTES)).await?;
+        }
+        if let Some(seq) = outcome.ack {
+            self.send(&ServerMessage::UsageAck { seq }).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the application belongs to the device's organization or is placed on it (a
+    /// cloud host's guest); cached once known.
     async fn knows(&mut self, application_id: ApplicationId) -> bool {
         if self.known_applications.contains(&application_id) {
             return true;
         }
-        match self.agents.db.application_exists(self.device.organization_id, application_id).await {
+        let known = match self.agents.db.application_exists(self.device.organization_id, application_id).await {
+            Ok(false) => self.agents.db.placed_on(self.device.id, application_id).await,
+            other => other,
+        };
+        match known {
             Ok(true) => {
                 self.known_applications.insert(application_id);
                 true
@@ -746,6 +808,7 @@ mod tests {
     use std::convert::Infallible;
 
     use edgible::model::{DevicePoolSpec, DeviceSpec, PlacementSpec};
+    use edgible::protocol::v1::UsageRecord;
     use futures::channel::mpsc;
 
     use super::*;
@@ -895,6 +958,164 @@ mod tests {
         assert!(metrics.contains("edgible_hub_agent_errors_total{code=\"malformed\"} 1"), "{metrics}");
         let rejected = metrics.lines().filter(|line| line.starts_with("edgible_hub_frames_rejected_total")).count();
         assert_eq!(rejected, 1, "only the ack was rejected: {metrics}");
+
+        drop(to_server);
+        assert_eq!(session.await.expect("the session task"), Ended::Disconnected);
+    }
+
+    /// A session past its opening messages, and a web application placed on its device.
+    async fn usage_session() -> (
+        Fixture,
+        mpsc::UnboundedSender<Result<Frame, Infallible>>,
+        mpsc::UnboundedReceiver<Frame>,
+        tokio::task::JoinHandle<Ended>,
+        edgible::model::Application,
+        edgible::model::Placement,
+    ) {
+        let fixture = fixture().await;
+        let db = &fixture.agents.db;
+        let org = fixture.device.organization_id;
+        let spec = serde_json::json!({
+            "name": "web", "hostnames": ["web.example.test"], "workload": {"process": {"command": "/bin/web"}}, "port": 80
+        });
+        let application = db
+            .create_application(org, &edgible::model::parse_json(spec.to_string().as_bytes()).expect("spec"))
+            .await
+            .expect("application");
+        let placement = PlacementSpec::ServingDevice { application_id: application.id, device_id: fixture.device.id };
+        let placement = db.create_placement(org, &placement).await.expect("placement");
+        let (to_server, from_test) = mpsc::unbounded::<Result<Frame, Infallible>>();
+        let (to_test, mut frames) = mpsc::unbounded::<Frame>();
+        let session = tokio::spawn(run(fixture.agents.clone(), fixture.device.clone(), to_test, from_test));
+        to_server.unbounded_send(Ok(Frame::Text(hello(&fixture.device, 1)))).expect("queued");
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::Welcome { .. }));
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::ApplicationUpdate { full: true, .. }));
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::Edges { .. }));
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::Access { .. }));
+        (fixture, to_server, frames, session, application, placement)
+    }
+
+    /// A record of one request of `application` that ended `ago` before now.
+    fn usage_record(seq: u64, application_id: ApplicationId, ago: chrono::TimeDelta) -> UsageRecord {
+        let end = chrono::Utc::now() - ago;
+        UsageRecord {
+            seq,
+            application_id,
+            start: end - chrono::TimeDelta::seconds(10),
+            end,
+            awake_ms: 10_000,
+            requests: 1,
+            bytes_in: 100,
+            bytes_out: 1000,
+            wakes: 1,
+        }
+    }
+
+    fn send_usage(to_server: &mpsc::UnboundedSender<Result<Frame, Infallible>>, records: Vec<UsageRecord>) {
+        let frame = encode(&AgentMessage::Usage { records });
+        to_server.unbounded_send(Ok(Frame::Text(frame))).expect("queued");
+    }
+
+    /// The organization's requests and wakes over the last two days.
+    async fn usage_totals(agents: &Agents, organization_id: edgible::model::OrganizationId) -> (u64, u64) {
+        let now = chrono::Utc::now();
+        let report = agents
+            .db
+            .usage_report(organization_id, now - chrono::TimeDelta::days(2), now + chrono::TimeDelta::hours(1))
+            .await
+            .expect("report");
+        report.hours.iter().fold((0, 0), |(requests, wakes), hour| (requests + hour.requests, wakes + hour.wakes))
+    }
+
+    #[tokio::test]
+    async fn usage_is_stored_once_and_acknowledged() {
+        let (fixture, to_server, mut frames, session, application, _) = usage_session().await;
+        let minute = chrono::TimeDelta::minutes(1);
+        send_usage(&to_server, vec![usage_record(1, application.id, minute), usage_record(2, application.id, minute)]);
+        assert_eq!(next_message(&mut frames).await, ServerMessage::UsageAck { seq: 2 });
+        assert_eq!(usage_totals(&fixture.agents, application.organization_id).await, (2, 2));
+
+        // After a lost ack the agent sends everything again, with a new record: only that counts.
+        let again = (1..=3).map(|seq| usage_record(seq, application.id, minute)).collect();
+        send_usage(&to_server, again);
+        assert_eq!(next_message(&mut frames).await, ServerMessage::UsageAck { seq: 3 });
+        assert_eq!(usage_totals(&fixture.agents, application.organization_id).await, (3, 3));
+
+        drop(to_server);
+        assert_eq!(session.await.expect("the session task"), Ended::Disconnected);
+    }
+
+    #[tokio::test]
+    async fn usage_of_an_application_not_placed_here_is_refused_without_holding_back_later_acks() {
+        let (fixture, to_server, mut frames, session, application, _) = usage_session().await;
+        let db = &fixture.agents.db;
+        let org = fixture.device.organization_id;
+        let spec = serde_json::json!({
+            "name": "elsewhere", "hostnames": ["elsewhere.example.test"],
+            "workload": {"process": {"command": "/bin/web"}}, "port": 80
+        });
+        let foreign = db
+            .create_application(org, &edgible::model::parse_json(spec.to_string().as_bytes()).expect("spec"))
+            .await
+            .expect("application");
+        let minute = chrono::TimeDelta::minutes(1);
+
+        // The refused record is named; the valid one after it is acknowledged.
+        send_usage(&to_server, vec![usage_record(5, foreign.id, minute), usage_record(6, application.id, minute)]);
+        let ServerMessage::Error { code, message } = next_message(&mut frames).await else { panic!("not an error") };
+        assert_eq!(code, ErrorCode::Unexpected);
+        assert!(message.contains(&format!("seq 5 (application {})", foreign.id)), "{message}");
+        assert!(message.contains("never placed on this device"), "{message}");
+        assert!(!message.contains("seq 6"), "{message}");
+        assert_eq!(next_message(&mut frames).await, ServerMessage::UsageAck { seq: 6 });
+
+        // A refused record alone is never acknowledged: the next frame answers the barrier.
+        send_usage(&to_server, vec![usage_record(7, foreign.id, minute)]);
+        assert!(matches!(next_message(&mut frames).await, ServerMessage::Error { .. }));
+        to_server.unbounded_send(Ok(Frame::Text("{".into()))).expect("queued");
+        let ServerMessage::Error { code, .. } = next_message(&mut frames).await else { panic!("expected an error") };
+        assert_eq!(code, ErrorCode::Malformed, "no ack came before the barrier's answer");
+
+        // A malformed record is refused the same way, naming what is wrong.
+        let mut backwards = usage_record(8, application.id, minute);
+        std::mem::swap(&mut backwards.start, &mut backwards.end);
+        send_usage(&to_server, vec![backwards]);
+        let ServerMessage::Error { message, .. } = next_message(&mut frames).await else { panic!("not an error") };
+        assert!(message.contains("seq 8") && message.contains("is before start"), "{message}");
+
+        // A message with too many records is refused whole.
+        let flood = (100..1101).map(|seq| usage_record(seq, application.id, minute)).collect();
+        send_usage(&to_server, flood);
+        let ServerMessage::Error { message, .. } = next_message(&mut frames).await else { panic!("not an error") };
+        assert!(message.contains("1001 records, at most 1000"), "{message}");
+
+        assert_eq!(usage_totals(&fixture.agents, org).await, (1, 1), "only seq 6 counted");
+        drop(to_server);
+        assert_eq!(session.await.expect("the session task"), Ended::Disconnected);
+    }
+
+    #[tokio::test]
+    async fn usage_from_before_an_application_moved_away_is_still_accepted() {
+        let (fixture, to_server, mut frames, session, application, placement) = usage_session().await;
+        let org = fixture.device.organization_id;
+        fixture.agents.db.delete_placement(org, placement.id).await.expect("deleted");
+        let ServerMessage::ApplicationUpdate { removed, .. } = next_message(&mut frames).await else {
+            panic!("expected a delta");
+        };
+        assert_eq!(removed, [application.id]);
+
+        // Counted while it was still here, reported after it left: accepted.
+        send_usage(&to_server, vec![usage_record(1, application.id, chrono::TimeDelta::minutes(1))]);
+        assert_eq!(next_message(&mut frames).await, ServerMessage::UsageAck { seq: 1 });
+        // Started after it left: refused.
+        let mut late = usage_record(2, application.id, chrono::TimeDelta::zero());
+        late.start = chrono::Utc::now() + chrono::TimeDelta::seconds(1);
+        late.end = late.start;
+        late.awake_ms = 0;
+        send_usage(&to_server, vec![late]);
+        let ServerMessage::Error { message, .. } = next_message(&mut frames).await else { panic!("not an error") };
+        assert!(message.contains("seq 2") && message.contains("left this device"), "{message}");
+        assert_eq!(usage_totals(&fixture.agents, org).await, (1, 1));
 
         drop(to_server);
         assert_eq!(session.await.expect("the session task"), Ended::Disconnected);

@@ -119,24 +119,41 @@ type Update = (Revision, bool, Vec<(ApplicationId, Revision)>, Vec<ApplicationId
 pub struct TestAgent {
     socket: Socket,
     enrolled: Enrolled,
+    /// What its hello declares as a cloud host.
+    cloud_host: Option<edgible::model::HostCapacity>,
 }
 
 impl TestAgent {
     pub async fn connect(served: &Served, enrolled: &Enrolled) -> anyhow::Result<TestAgent> {
-        Ok(TestAgent { socket: open(served, &enrolled.credential).await?, enrolled: enrolled.clone() })
+        Ok(TestAgent {
+            socket: open(served, &enrolled.credential).await?,
+            enrolled: enrolled.clone(),
+            cloud_host: None,
+        })
     }
 
-    /// Sends `hello` and reads the welcome, the snapshot, the pool's edges and `access`.
-    pub async fn hello(&mut self, applied: Option<Revision>) -> anyhow::Result<(ServerMessage, Update)> {
+    /// Makes the hello declare `capacity` as a cloud host.
+    pub fn cloud_host(mut self, capacity: edgible::model::HostCapacity) -> Self {
+        self.cloud_host = Some(capacity);
+        self
+    }
+
+    /// Sends `hello` (with the declared cloud host, if any) without reading the answer.
+    pub async fn send_hello(&mut self, applied: Option<Revision>) -> anyhow::Result<()> {
         self.send(&AgentMessage::Hello {
             device_id: self.enrolled.device_id,
             public_key: self.enrolled.public_key.clone(),
             applied_revision: applied,
             capabilities: vec!["process".into()],
             agent_version: "test".into(),
-            cloud_host: None,
+            cloud_host: self.cloud_host,
         })
-        .await?;
+        .await
+    }
+
+    /// Sends `hello` and reads the welcome, the snapshot, the pool's edges and `access`.
+    pub async fn hello(&mut self, applied: Option<Revision>) -> anyhow::Result<(ServerMessage, Update)> {
+        self.send_hello(applied).await?;
         let welcome = self.recv().await?;
         ensure!(matches!(welcome, ServerMessage::Welcome { .. }), "expected welcome, got {welcome:?}");
         let snapshot = self.update().await?;

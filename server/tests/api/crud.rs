@@ -256,20 +256,30 @@ pub async fn crud_placements(url: String) -> anyhow::Result<()> {
         .await?
         .expect(201)?
         .str("/id")?;
-    // The strategy and the device can change in place.
+    // The device can change in place (the strategy too: see `cloud.rs`, which has cloud hosts).
+    let tablet = app
+        .post("/v1/devices", &org.admin_key, json!({"name": "tablet", "pool_id": fleet.pool}))
+        .await?
+        .expect(201)?
+        .str("/device/id")?;
     let placement = life_cycle(
         &app,
         &org.admin_key,
         Collection { path: "/v1/placements", created_object: "" },
         json!({"strategy": "serving-device", "application_id": fleet.application, "device_id": fleet.device}),
-        json!({"strategy": "cloud", "application_id": fleet.application, "pool_id": cloud_pool}),
+        json!({"strategy": "serving-device", "application_id": fleet.application, "device_id": tablet}),
         None,
     )
     .await?;
-    ensure!(
-        placement["spec"]["strategy"] == "cloud" && placement["spec"]["pool_id"] == cloud_pool.as_str(),
-        "{placement}"
-    );
+    ensure!(placement["spec"]["device_id"] == tablet.as_str() && placement["host"] == tablet.as_str(), "{placement}");
+    // A cloud placement needs a cloud pool of an operator organization, which this is not.
+    app.post(
+        "/v1/placements",
+        &org.admin_key,
+        json!({"strategy": "cloud", "application_id": fleet.application, "pool_id": cloud_pool}),
+    )
+    .await?
+    .expect_error(422, "invalid", Some("pool_id"))?;
 
     let second_device = app
         .post("/v1/devices", &org.admin_key, json!({"name": "desktop", "pool_id": fleet.pool}))
@@ -319,6 +329,11 @@ pub async fn stale_revisions_are_refused(url: String) -> anyhow::Result<()> {
         .await?
         .expect(201)?
         .str("/id")?;
+    let second_device = app
+        .post("/v1/devices", key, json!({"name": "desktop", "pool_id": fleet.pool}))
+        .await?
+        .expect(201)?
+        .str("/device/id")?;
     let member = app.post("/v1/members", key, json!({"email": "a@example.com", "role": "owner"})).await?.expect(201)?;
     let api_key = app.post("/v1/api-keys", key, json!({"name": "ci", "scopes": ["read"]})).await?.expect(201)?;
     let cases = [
@@ -333,7 +348,7 @@ pub async fn stale_revisions_are_refused(url: String) -> anyhow::Result<()> {
         (format!("/v1/applications/{}", fleet.application), application("web-2", &["web.example.com"])),
         (
             format!("/v1/placements/{placement}"),
-            json!({"strategy": "cloud", "application_id": fleet.application, "region": "eu-west"}),
+            json!({"strategy": "serving-device", "application_id": fleet.application, "device_id": second_device}),
         ),
     ];
     for (path, update) in cases {

@@ -29,7 +29,12 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 
 const FRAME_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn create_edge(app: &TestApp, org: &Org, pool: &str, name: &str) -> anyhow::Result<crate::support::Answer> {
+pub(crate) async fn create_edge(
+    app: &TestApp,
+    org: &Org,
+    pool: &str,
+    name: &str,
+) -> anyhow::Result<crate::support::Answer> {
     app.post("/v1/edges", &org.admin_key, json!({"name": name, "pool_id": pool, "endpoint": "203.0.113.1:51820"}))
         .await?
         .expect(201)
@@ -386,7 +391,7 @@ pub async fn a_bad_edge_hello_is_refused(url: String) -> anyhow::Result<()> {
 }
 
 /// Checks that `leaf_pem` is valid for `name` under the CA `ca_pem`.
-fn verify(ca_pem: &str, leaf_pem: &str, name: &str) -> anyhow::Result<()> {
+pub(crate) fn verify(ca_pem: &str, leaf_pem: &str, name: &str) -> anyhow::Result<()> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes())?)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -396,13 +401,13 @@ fn verify(ca_pem: &str, leaf_pem: &str, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn csr(names: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn csr(names: &[&str]) -> anyhow::Result<String> {
     let key = rcgen::KeyPair::generate()?;
     let params = rcgen::CertificateParams::new(names.iter().map(|name| (*name).to_owned()).collect::<Vec<_>>())?;
     Ok(params.serialize_request(&key)?.pem()?)
 }
 
-async fn request_certificate(
+pub(crate) async fn request_certificate(
     agent: &mut TestAgent,
     application_id: ApplicationId,
     csr_pem: String,

@@ -8,6 +8,7 @@ mod access;
 mod addresses;
 mod agents;
 mod binary;
+mod cloud;
 mod crud;
 mod dns;
 mod domains;
@@ -17,6 +18,7 @@ mod paging;
 mod postgres;
 mod support;
 mod system;
+mod usage;
 mod validation;
 
 /// Declares the cases once and generates the SQLite tests and the PostgreSQL suite.
@@ -115,4 +117,12 @@ suite! {
     access::failed_logins_are_rate_limited,
     access::assertion_keys_rotate_with_a_grace_period,
     access::revocations_and_rotations_reach_the_device_at_once,
+    usage::usage_is_summed_per_application_and_hour,
+    usage::usage_is_scoped_to_organizations,
+    usage::usage_parameters_are_checked,
+    cloud::operators_are_made_by_platform_keys_only,
+    cloud::only_operators_cloud_pools_run_cloud_hosts,
+    cloud::cloud_placements_spread_and_refuse_when_full,
+    cloud::placements_move_between_a_device_and_the_cloud,
+    cloud::applications_leave_hosts_that_stay_offline,
 }
