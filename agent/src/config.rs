@@ -10,7 +10,7 @@ use edgible::tunnel::PrivateKey;
 use crate::backoff::BackoffPolicy;
 use crate::control::ControlConfig;
 use crate::datapath::DataPathConfig;
-use crate::driver::{ContainerDriverConfig, ProcessDriverConfig};
+use crate::driver::{ContainerDriverConfig, ProcessDriverConfig, VmDriverConfig};
 use crate::reconcile::ReconcilerConfig;
 
 /// Where the state directory may also come from.
@@ -106,6 +106,11 @@ pub struct RunConfig {
     #[arg(long)]
     pub stop_workloads_on_exit: bool,
 
+    /// Seconds between two usage records of each application (requests, bytes, awake time,
+    /// wakes), which are kept on disk until the server acknowledges them.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub usage_interval_seconds: u64,
+
     /// The longest wait, in seconds, between two attempts to reach the server.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub reconnect_max_seconds: u64,
@@ -126,6 +131,36 @@ pub struct RunConfig {
     /// The port of the device proxy on the tunnel address, which the edges connect to.
     #[arg(long, env = PROXY_PORT_ENV, default_value_t = 443, value_parser = clap::value_parser!(u16).range(1..))]
     pub proxy_port: u16,
+
+    /// Run as a cloud host of an operator's `cloud` pool: every application (process or
+    /// container spec) runs in its own microVM, and the agent declares the capacity below to the
+    /// server.
+    #[arg(long, requires_all = ["host_vcpus", "host_memory_mib", "host_disk_mib", "vm_kernel", "vm_modules"])]
+    pub cloud_host: bool,
+
+    /// The vCPUs this cloud host offers to applications.
+    #[arg(long, requires = "cloud_host", value_parser = clap::value_parser!(u32).range(1..))]
+    pub host_vcpus: Option<u32>,
+
+    /// The memory, in MiB, this cloud host offers to applications.
+    #[arg(long, requires = "cloud_host", value_parser = clap::value_parser!(u64).range(1..))]
+    pub host_memory_mib: Option<u64>,
+
+    /// The disk, in MiB, this cloud host offers to applications' volumes.
+    #[arg(long, requires = "cloud_host")]
+    pub host_disk_mib: Option<u64>,
+
+    /// The guest kernel of microVMs (a `vmlinuz` with virtio drivers as modules).
+    #[arg(long, requires = "cloud_host")]
+    pub vm_kernel: Option<PathBuf>,
+
+    /// A directory holding that kernel's modules (searched recursively for the virtio ones).
+    #[arg(long, requires = "cloud_host")]
+    pub vm_modules: Option<PathBuf>,
+
+    /// The network the microVMs' links (a /30 each) come from.
+    #[arg(long, default_value = "198.51.100.0/24")]
+    pub vm_network: ipnet::Ipv4Net,
 }
 
 impl RunConfig {
@@ -164,6 +199,31 @@ impl RunConfig {
     /// The data path's setup with the device's enrolled key.
     pub fn data_path_config(&self, private_key: PrivateKey) -> DataPathConfig {
         DataPathConfig::new(self.tunnel_interface.clone(), self.proxy_port, private_key)
+    }
+
+    /// What this agent declares as a cloud host, with `--cloud-host`.
+    pub fn cloud_host_capacity(&self) -> Option<edgible::model::HostCapacity> {
+        if !self.cloud_host {
+            return None;
+        }
+        Some(edgible::model::HostCapacity {
+            vcpus: self.host_vcpus?,
+            memory_mib: self.host_memory_mib?,
+            disk_mib: self.host_disk_mib?,
+        })
+    }
+
+    /// The microVM driver's setup, with `--cloud-host`: its files live in the state directory.
+    pub fn vm_config(&self) -> Option<VmDriverConfig> {
+        if !self.cloud_host {
+            return None;
+        }
+        let mut config =
+            VmDriverConfig::new(self.state_dir.join("vm"), self.vm_kernel.clone()?, self.vm_modules.clone()?);
+        config.network = self.vm_network;
+        config.stop_grace = self.stop_grace();
+        config.container_socket = self.container_socket.clone();
+        Some(config)
     }
 
     pub fn container_config(&self) -> ContainerDriverConfig {
@@ -211,6 +271,39 @@ mod tests {
         assert_eq!(run.control_config().reconnect.max, Duration::from_secs(5));
         assert!(!run.stop_workloads_on_exit);
         assert!(parse(&["run", "--reconnect-max-seconds", "0"]).is_err());
+    }
+
+    #[test]
+    fn cloud_host_flags_come_together() {
+        let Command::Run(run) = parse(&["run"]).unwrap().command else { panic!("expected run") };
+        assert_eq!((run.cloud_host_capacity(), run.vm_config().is_none()), (None, true));
+        let flags = [
+            "run",
+            "--state-dir",
+            "/tmp/a",
+            "--cloud-host",
+            "--host-vcpus",
+            "4",
+            "--host-memory-mib",
+            "8192",
+            "--host-disk-mib",
+            "10240",
+            "--vm-kernel",
+            "/k/vmlinuz",
+            "--vm-modules",
+            "/k/modules",
+            "--vm-network",
+            "203.0.113.0/25",
+        ];
+        let Command::Run(run) = parse(&flags).unwrap().command else { panic!("expected run") };
+        assert_eq!(
+            run.cloud_host_capacity(),
+            Some(edgible::model::HostCapacity { vcpus: 4, memory_mib: 8192, disk_mib: 10240 })
+        );
+        let vm = run.vm_config().expect("a VM driver");
+        assert_eq!((vm.dir, vm.network.to_string()), (PathBuf::from("/tmp/a/vm"), "203.0.113.0/25".to_owned()));
+        assert!(parse(&flags[..flags.len() - 4]).is_err(), "--vm-kernel and --vm-modules are required");
+        assert!(parse(&["run", "--host-vcpus", "2"]).is_err(), "capacity needs --cloud-host");
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::backoff::{Backoff, BackoffPolicy, Jitter};
 use crate::events::EventLog;
 use crate::logs::LogBuffer;
 use crate::reconcile::{AgentReport, DesiredUpdate, ReconcileError, ReconcilerHandle, UpdateOutcome};
+use crate::usage::UsageLedger;
 
 pub use link::{DataPathLink, SessionLink, link};
 pub use session::{ControlStats, HelloParams, SessionEnd, SessionOutcome};
@@ -96,6 +97,40 @@ pub trait Local: Send + Sync {
     fn logs(&self, application_id: ApplicationId) -> Option<LogBuffer>;
 
     fn events(&self) -> EventLog;
+
+    /// The usage ledger whose records the session sends and whose acks it applies, if any.
+    fn usage(&self) -> Option<Arc<UsageLedger>> {
+        None
+    }
+}
+
+/// A [`Local`] with a usage ledger: what `edgible-agent run` hands the session.
+pub struct WithUsage<L> {
+    pub local: L,
+    pub usage: Arc<UsageLedger>,
+}
+
+#[async_trait::async_trait]
+impl<L: Local> Local for WithUsage<L> {
+    async fn update(&self, update: DesiredUpdate) -> Result<UpdateOutcome, ReconcileError> {
+        self.local.update(update).await
+    }
+
+    fn report(&self) -> watch::Receiver<AgentReport> {
+        self.local.report()
+    }
+
+    fn logs(&self, application_id: ApplicationId) -> Option<LogBuffer> {
+        self.local.logs(application_id)
+    }
+
+    fn events(&self) -> EventLog {
+        self.local.events()
+    }
+
+    fn usage(&self) -> Option<Arc<UsageLedger>> {
+        Some(Arc::clone(&self.usage))
+    }
 }
 
 #[async_trait::async_trait]
@@ -133,6 +168,10 @@ impl<T: Local + ?Sized> Local for Arc<T> {
 
     fn events(&self) -> EventLog {
         T::events(self)
+    }
+
+    fn usage(&self) -> Option<Arc<UsageLedger>> {
+        T::usage(self)
     }
 }
 
@@ -251,6 +290,7 @@ pub(crate) mod tests {
         pub auto_apply: bool,
         /// While true, updates wait: a reconciler busy stopping a workload.
         pub busy: watch::Sender<bool>,
+        pub usage: Mutex<Option<Arc<UsageLedger>>>,
     }
 
     impl FakeLocal {
@@ -262,6 +302,7 @@ pub(crate) mod tests {
                 logs: Mutex::default(),
                 auto_apply,
                 busy: watch::Sender::new(false),
+                usage: Mutex::default(),
             }
         }
 
@@ -306,6 +347,10 @@ pub(crate) mod tests {
 
         fn events(&self) -> EventLog {
             self.events.clone()
+        }
+
+        fn usage(&self) -> Option<Arc<UsageLedger>> {
+            self.usage.lock().expect("not poisoned").clone()
         }
     }
 
@@ -377,6 +422,7 @@ pub(crate) mod tests {
             public_key: "k".repeat(43) + "=",
             capabilities: vec!["process".to_owned()],
             agent_version: "0.1.0".to_owned(),
+            cloud_host: None,
         }
     }
 

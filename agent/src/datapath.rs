@@ -164,6 +164,8 @@ pub struct DataPath {
     /// Nudges still to send after an address change, one per poll: the first may go out
     /// before the new route is usable.
     nudges_pending: u8,
+    /// The reconciler's sleep table, for the proxy's wakes and usage counting.
+    sleep: Option<Arc<crate::sleep::SleepTable>>,
 }
 
 /// The inputs of a data path, apart from its link's receivers.
@@ -220,9 +222,16 @@ impl DataPath {
             desired: Arc::default(),
             host_addresses: None,
             nudges_pending: 0,
+            sleep: None,
         };
         let inputs = Inputs { welcomed, edges, access, certificates: issued, desired };
         (data_path, DataPathInputs(inputs))
+    }
+
+    /// Lets the proxy count usage and wake sleeping applications through `sleep`.
+    pub fn with_sleep_table(mut self, sleep: Arc<crate::sleep::SleepTable>) -> Self {
+        self.sleep = Some(sleep);
+        self
     }
 
     /// The certificates the proxy serves.
@@ -483,14 +492,23 @@ impl DataPath {
     async fn bind_proxy(&mut self, address: Ipv4Addr) {
         let listen = SocketAddr::from((address, self.config.proxy_port));
         let config = ProxyConfig::new(listen, edges::sources(&self.edges));
-        match Proxy::bind_with_access(
-            config,
-            Arc::clone(&self.store),
-            Arc::clone(&self.routes),
-            Arc::clone(&self.access),
-        )
-        .await
-        {
+        let bound = match &self.sleep {
+            Some(sleep) => {
+                let (store, routes, access) =
+                    (Arc::clone(&self.store), Arc::clone(&self.routes), Arc::clone(&self.access));
+                Proxy::bind_with_sleep(config, store, routes, access, Arc::clone(sleep)).await
+            }
+            None => {
+                Proxy::bind_with_access(
+                    config,
+                    Arc::clone(&self.store),
+                    Arc::clone(&self.routes),
+                    Arc::clone(&self.access),
+                )
+                .await
+            }
+        };
+        match bound {
             Ok(proxy) => {
                 let address = proxy.local_addr().unwrap_or(listen);
                 let sources = proxy.edges();

@@ -8,6 +8,7 @@
 
 pub mod container;
 pub mod process;
+pub mod vm;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use edgible::model::{Application, ApplicationId, Name, Workload};
+use edgible::model::{Application, ApplicationId, Name, Resources, Workload};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -23,6 +24,7 @@ use crate::logs::LogBuffer;
 
 pub use container::{ContainerDriver, ContainerDriverConfig};
 pub use process::{ProcessDriver, ProcessDriverConfig};
+pub use vm::{VmDriver, VmDriverConfig};
 
 /// The kinds of workload an application can declare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -73,6 +75,9 @@ pub struct LaunchSpec {
     pub port: u16,
     /// The environment: the application's, then the workload's (which wins), then `PORT`.
     pub env: BTreeMap<String, String>,
+    /// The application's CPU and memory limits; the VM driver sizes its guests by them.
+    #[serde(default)]
+    pub resources: Option<Resources>,
 }
 
 impl LaunchSpec {
@@ -102,7 +107,14 @@ impl LaunchSpec {
         }
         // The agent owns PORT: the proxy forwards to this port whatever the environment says.
         env.insert("PORT".to_owned(), spec.port.to_string());
-        Self { application_id: application.id, name: spec.name.clone(), program, port: spec.port, env }
+        Self {
+            application_id: application.id,
+            name: spec.name.clone(),
+            program,
+            port: spec.port,
+            env,
+            resources: spec.resources.clone(),
+        }
     }
 
     pub fn kind(&self) -> WorkloadKind {
@@ -123,6 +135,15 @@ pub enum WorkloadHandle {
     Container {
         id: String,
     },
+    /// A microVM (the `vm` driver of a cloud host) running a workload of kind `runs`: its QEMU
+    /// process (pid and start time, like a process), its QMP socket and its network slot.
+    Vm {
+        runs: WorkloadKind,
+        pid: i32,
+        start_time: u64,
+        control: String,
+        slot: u32,
+    },
 }
 
 impl WorkloadHandle {
@@ -130,6 +151,9 @@ impl WorkloadHandle {
         match self {
             WorkloadHandle::Process { .. } => WorkloadKind::Process,
             WorkloadHandle::Container { .. } => WorkloadKind::Container,
+            // On a cloud host the VM driver serves the kinds it runs in VMs, so the reconciler
+            // finds it, and compares kinds, by the kind of workload inside.
+            WorkloadHandle::Vm { runs, .. } => *runs,
         }
     }
 }
@@ -213,6 +237,8 @@ pub enum DriverError {
     Proc { pid: i32, source: std::io::Error },
     #[error("container engine: cannot {action}: {source}")]
     Engine { action: &'static str, source: Box<bollard::errors::Error> },
+    #[error("microVM: {0}")]
+    Vm(Box<vm::VmError>),
     #[error("{kind} workloads cannot {action}")]
     Unsupported { kind: WorkloadKind, action: &'static str },
 }

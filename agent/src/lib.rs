@@ -13,6 +13,8 @@
 //! - [`health`]: HTTP and TCP health checks and the phases they lead to.
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`state`]: the state directory (desired state, what runs, secrets), written atomically.
+//! - [`sleep`]: idle detection, wake coalescing and the usage counters of sleeping applications.
+//! - [`usage`]: the ledger of usage records (persisted until the server acknowledges them).
 //! - [`logs`], [`events`]: bounded buffers of workload output and lifecycle events.
 
 pub mod backoff;
@@ -27,5 +29,7 @@ pub mod logs;
 pub mod proxy;
 pub mod reconcile;
 pub mod service;
+pub mod sleep;
 pub mod state;
 mod tasks;
+pub mod usage;

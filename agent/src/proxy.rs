@@ -14,8 +14,16 @@
 //! - [`access`]: the access policies every HTTP request passes first (login sessions, API keys,
 //!   short codes); raw TCP is spliced only for public applications.
 //! - `idle`: the raw mode's splice with an idle timeout.
+//! - `counted`: the byte counting of usage, around the decrypted stream.
+//!
+//! Applications with a sleep policy ([`crate::sleep`]): each served connection is counted as
+//! open activity for its application while it lasts, each request (or raw connection) as a
+//! request, and the bytes of the decrypted stream both ways; a request (or raw connection) to a
+//! sleeping application waits for its wake, shared with every other request arriving during
+//! it, and gets 503 (a small page) when the wake fails or times out.
 
 pub mod access;
+mod counted;
 pub mod http;
 mod idle;
 pub mod tls;
@@ -39,6 +47,7 @@ use tracing::{debug, warn};
 
 pub use self::access::{AccessControl, AccessSettings, AccessTable, ApplicationGate};
 pub use self::tls::{CertificateError, CertificateStore};
+use crate::sleep::{Counters, SleepTable};
 
 /// Why the proxy could not start.
 #[derive(Debug, Error)]
@@ -205,6 +214,10 @@ struct Shared {
     routes: Arc<RouteTable>,
     access: Arc<AccessControl>,
     metrics: Arc<ProxyMetrics>,
+    /// Kept-alive connections to the workloads.
+    upstream: http::Upstream,
+    /// Sleep, wake and usage counting per application; an empty table knows no application.
+    sleep: Arc<SleepTable>,
 }
 
 impl Proxy {
@@ -218,6 +231,22 @@ impl Proxy {
     ) -> Result<Self, ProxyError> {
         let access = AccessControl::new(access::cookies::CookieKey::random());
         Self::bind_with_access(config, certificates, routes, access).await
+    }
+
+    /// [`Proxy::bind_with_access`], with sleep, wake and usage counting through `sleep`.
+    pub async fn bind_with_sleep(
+        config: ProxyConfig,
+        certificates: Arc<CertificateStore>,
+        routes: Arc<RouteTable>,
+        access: Arc<AccessControl>,
+        sleep: Arc<SleepTable>,
+    ) -> Result<Self, ProxyError> {
+        let mut proxy = Self::bind_with_access(config, certificates, routes, access).await?;
+        // Just built: nothing else holds the shared part yet.
+        if let Some(shared) = Arc::get_mut(&mut proxy.shared) {
+            shared.sleep = sleep;
+        }
+        Ok(proxy)
     }
 
     /// [`Proxy::bind`], with every request checked against `access`, whose table may be
@@ -234,11 +263,13 @@ impl Proxy {
             .map_err(|source| ProxyError::Bind { address: config.listen, source })?;
         let shared = Shared {
             edges: EdgeSources::new(config.edges.iter().copied()),
+            upstream: http::upstream(config.connect_timeout),
             config,
             tls,
             routes,
             access,
             metrics: Arc::new(ProxyMetrics::default()),
+            sleep: SleepTable::new(crate::driver::Wake::new()),
         };
         Ok(Self { listener, shared: Arc::new(shared) })
     }
@@ -380,17 +411,33 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
         return;
     }
     ProxyMetrics::count(&metrics.served_connections);
+    let application = shared.sleep.lookup(&server_name);
+    let guard = application.as_ref().map(|(application_id, _)| shared.sleep.open(*application_id));
+    let tls = counted::Counted::new(tls, application.as_ref().map(|(_, counters)| counters.clone()));
     if route.raw_tcp {
+        if let Some((application_id, counters)) = &application {
+            Counters::add(&counters.requests, 1);
+            if let Err(error) = shared.sleep.ensure_awake(*application_id).await {
+                warn!(%client, %server_name, %error, "closed a raw connection: its application did not wake");
+                return;
+            }
+        }
         splice_raw(tls, route.port, &shared.config, client).await;
+        drop(guard);
         return;
     }
     let service = http::ProxyService::new(http::RequestContext {
         server_name,
         client,
         port: route.port,
-        connect_timeout: shared.config.connect_timeout,
+        upstream: shared.upstream.clone(),
         metrics: shared.metrics.clone(),
         access: shared.access.clone(),
+        sleep: application.map(|(application_id, counters)| http::Sleeper {
+            table: shared.sleep.clone(),
+            application_id,
+            counters,
+        }),
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(shared.config.header_timeout);
@@ -412,12 +459,13 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
     {
         debug!(%client, %error, "HTTP connection ended with an error");
     }
+    drop(guard);
 }
 
 /// Raw mode: the decrypted stream is copied to and from the workload until both sides close
 /// or the connection idles out.
 async fn splice_raw(
-    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    tls: counted::Counted<tokio_rustls::server::TlsStream<TcpStream>>,
     port: u16,
     config: &ProxyConfig,
     client: SocketAddr,

@@ -14,12 +14,13 @@ use tokio::sync::watch;
 
 use crate::backoff::RandomJitter;
 use crate::config::RunConfig;
-use crate::control::{self, ConnectError, ControlStats, HelloParams, WebSocketConnector};
+use crate::control::{self, ConnectError, ControlStats, HelloParams, WebSocketConnector, WithUsage};
 use crate::datapath::DataPath;
-use crate::driver::{ContainerDriver, Driver, ProcessDriver};
+use crate::driver::{ContainerDriver, Driver, ProcessDriver, VmDriver, WorkloadKind};
 use crate::enroll::{Enrolled, IdentityError};
 use crate::reconcile::{Drivers, Reconciler, Shutdown};
 use crate::state::{StateDir, StateError};
+use crate::usage::{self, UsageError, UsageLedger};
 
 /// How long the container engine may take to answer at startup before the agent goes on
 /// without container workloads.
@@ -31,6 +32,8 @@ pub enum RunError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Usage(#[from] UsageError),
     #[error("the enrolled server URL is unusable: {0}")]
     Server(#[from] ConnectError),
 }
@@ -51,12 +54,15 @@ pub async fn run(config: &RunConfig, shutdown: impl Future<Output = ()>) -> Resu
         ?capabilities,
         "agent starting"
     );
+    let usage = UsageLedger::open(StateDir::open(&config.state_dir)?, usage::DEFAULT_CAPACITY)?;
     let reconciler = Arc::new(reconciler.spawn());
+    let sleep = reconciler.sleep_table();
     let hello = HelloParams {
         device_id: identity.device_id,
         public_key: identity.public_key.clone(),
         capabilities,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        cloud_host: config.cloud_host_capacity(),
     };
 
     let (stop, stopped) = watch::channel(false);
@@ -68,9 +74,16 @@ pub async fn run(config: &RunConfig, shutdown: impl Future<Output = ()>) -> Resu
         reconciler.desired(),
         reconciler.events(),
     );
+    let data_path = data_path.with_sleep_table(Arc::clone(&sleep));
+    let collector = tokio::spawn(usage::run_collector(
+        sleep,
+        Arc::clone(&usage),
+        std::time::Duration::from_secs(config.usage_interval_seconds),
+        stop.subscribe(),
+    ));
     let mut data_path = tokio::spawn(data_path.run(inputs, stop.subscribe()));
     let control_config = config.control_config();
-    let local = Arc::clone(&reconciler);
+    let local = WithUsage { local: Arc::clone(&reconciler), usage };
     let stats = Arc::new(ControlStats::default());
     let session_stats = Arc::clone(&stats);
     let mut session = tokio::spawn(async move {
@@ -100,6 +113,10 @@ pub async fn run(config: &RunConfig, shutdown: impl Future<Output = ()>) -> Resu
         data_path.abort();
         let _ = data_path.await;
     }
+    // The collector records the last period when told to stop.
+    if tokio::time::timeout(config.drain_deadline(), collector).await.is_err() {
+        tracing::warn!("the usage collector did not finish in time; this period's usage is lost");
+    }
     let mode = if config.stop_workloads_on_exit { Shutdown::StopWorkloads } else { Shutdown::LeaveRunning };
     match Arc::try_unwrap(reconciler) {
         Ok(reconciler) => reconciler.shutdown(mode).await,
@@ -115,8 +132,26 @@ pub async fn run(config: &RunConfig, shutdown: impl Future<Output = ()>) -> Resu
     Ok(())
 }
 
-/// The process driver always; the container driver when an engine answers.
+/// The process driver always; the container driver when an engine answers. A cloud host
+/// (`--cloud-host`) runs every application in a microVM instead: the VM driver takes the place
+/// of the process and container drivers (a container's image is exported through the engine and
+/// booted as the guest's root filesystem), and no workload runs on the host itself.
 async fn drivers(config: &RunConfig) -> Drivers {
+    if let Some(vm) = config.vm_config() {
+        match VmDriver::new(vm) {
+            Ok(driver) => {
+                let mut drivers: Vec<Arc<dyn Driver>> = vec![Arc::new(driver.serving(WorkloadKind::Process))];
+                if !config.no_containers {
+                    drivers.push(Arc::new(driver.serving(WorkloadKind::Container)));
+                }
+                return Drivers::new(drivers);
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot run microVMs: this cloud host runs no workloads");
+                return Drivers::new([]);
+            }
+        }
+    }
     let mut drivers: Vec<Arc<dyn Driver>> = vec![Arc::new(ProcessDriver::new(config.process_config()))];
     if config.no_containers {
         return Drivers::new(drivers);

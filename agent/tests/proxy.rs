@@ -456,6 +456,62 @@ async fn workload_down_is_a_502_page() -> Result<()> {
     Ok(())
 }
 
+/// A workload that answers every request with how many connections it accepted so far; its
+/// accept loop and connections end when the returned handle is aborted.
+async fn counting_workload(
+    listener: TcpListener,
+) -> (Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            connections.spawn(async move {
+                let service = hyper::service::service_fn(move |_request| async move {
+                    Ok::<_, Infallible>(text(format!("connection {count}")))
+                });
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    (accepted, task)
+}
+
+#[tokio::test]
+async fn workload_connections_are_reused_and_a_restarted_workload_is_reached_again() -> Result<()> {
+    let fixture = fixture().await;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let port = listener.local_addr()?.port();
+    let (accepted, workload) = counting_workload(listener).await;
+    fixture.routes.insert(APP, Route { port, raw_tcp: false });
+
+    // Requests in turn, over two client connections: one connection to the workload serves all.
+    for _ in 0..2 {
+        let mut sender = fixture.http1(APP).await?;
+        for _ in 0..5 {
+            let response = sender.send_request(get(APP, "/")).await?;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(body_text(response).await?, "connection 1");
+        }
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the workload connection was kept alive and reused");
+
+    // The workload restarts on its port: the pooled connection it closed is not a 502.
+    workload.abort();
+    let _ = workload.await;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
+    let (accepted, _workload) = counting_workload(listener).await;
+    let mut sender = fixture.http1(APP).await?;
+    let response = sender.send_request(get(APP, "/")).await?;
+    assert_eq!(response.status(), StatusCode::OK, "a restarted workload is reached on a new connection");
+    assert_eq!(body_text(response).await?, "connection 1");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(fixture.metrics.bad_gateway.load(Ordering::Relaxed), 0);
+    Ok(())
+}
+
 #[tokio::test]
 async fn large_upload_streams_through() -> Result<()> {
     let mut fixture = fixture().await;

@@ -53,6 +53,8 @@ pub struct HelloParams {
     /// The workload kinds this agent runs (`process`, `container`).
     pub capabilities: Vec<String>,
     pub agent_version: String,
+    /// What this agent offers as a cloud host (`--cloud-host`), declared in its hello.
+    pub cloud_host: Option<edgible::model::HostCapacity>,
 }
 
 /// Why a session ended.
@@ -133,6 +135,10 @@ impl ControlStats {
     }
 }
 
+/// Usage records per `usage` frame, and frames per flush.
+const USAGE_RECORDS_PER_FRAME: usize = 100;
+const USAGE_BATCHES_PER_FLUSH: usize = 10;
+
 /// Runs one session over an open connection until it ends or `shutdown` becomes true.
 #[allow(clippy::too_many_arguments)]
 pub async fn run<Tx, Rx, E, L>(
@@ -206,7 +212,7 @@ impl<L: Local + ?Sized> Session<'_, L> {
             applied_revision,
             capabilities: hello.capabilities.clone(),
             agent_version: hello.agent_version.clone(),
-            cloud_host: None,
+            cloud_host: hello.cloud_host,
         };
         if let Err(end) = send(self.config, tx, &message).await {
             return end;
@@ -361,6 +367,12 @@ impl<L: Local + ?Sized> Session<'_, L> {
                 }
                 ServerMessage::UsageAck { seq } => {
                     tracing::debug!(seq, "usage stored up to");
+                    if let Some(ledger) = self.local.usage()
+                        && let Err(error) = ledger.ack(seq)
+                    {
+                        // Kept records are sent again and deduplicated by the server.
+                        tracing::warn!(%error, seq, "cannot drop acknowledged usage records");
+                    }
                     Ok(())
                 }
                 ServerMessage::Error { code, message } => {
@@ -498,11 +510,13 @@ struct Writer<'a, L: ?Sized> {
     acked: Option<Revision>,
     /// The statuses last sent.
     status: Option<Vec<ApplicationStatus>>,
+    /// The newest usage record sent in this session: a new session sends every pending one.
+    usage_sent: Option<u64>,
 }
 
 impl<'a, L: Local + ?Sized> Writer<'a, L> {
     fn new(config: &'a ControlConfig, local: &'a L, stats: &'a ControlStats, offered: Option<Revision>) -> Self {
-        Self { config, local, stats, offered, acked: None, status: None }
+        Self { config, local, stats, offered, acked: None, status: None, usage_sent: None }
     }
 
     async fn run<Tx>(
@@ -596,6 +610,15 @@ impl<'a, L: Local + ?Sized> Writer<'a, L> {
         Tx: Sink<Frame> + Unpin,
         Tx::Error: Display,
     {
+        if let Some(ledger) = self.local.usage() {
+            // Bounded per flush; the next flush goes on where this one stopped.
+            for _ in 0..USAGE_BATCHES_PER_FLUSH {
+                let records = ledger.pending_after(self.usage_sent, USAGE_RECORDS_PER_FRAME);
+                let Some(last) = records.last().map(|record| record.seq) else { break };
+                send(self.config, tx, &AgentMessage::Usage { records }).await?;
+                self.usage_sent = Some(last);
+            }
+        }
         let events = self.local.events();
         while let Some(event) = events.take(1).pop() {
             let message =
@@ -766,6 +789,56 @@ mod tests {
             AgentMessage::Ack { revision } => revision,
             _ => unreachable!("matched an ack"),
         }
+    }
+
+    fn usage_seqs(message: AgentMessage) -> Vec<u64> {
+        match message {
+            AgentMessage::Usage { records } => records.iter().map(|record| record.seq).collect(),
+            _ => unreachable!("matched usage"),
+        }
+    }
+
+    #[tokio::test]
+    async fn usage_is_sent_acknowledged_and_resent_after_a_reconnect() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let state_dir = crate::state::StateDir::open(temp.path()).expect("state dir");
+        let ledger = crate::usage::UsageLedger::open(state_dir, 100).expect("ledger");
+        let usage = |requests| (ApplicationId::new(), crate::sleep::Usage { requests, ..Default::default() });
+        let now = Utc::now();
+        ledger.record([usage(1), usage(2)], now, now).expect("recorded");
+        let local = Arc::new(FakeLocal::new(true));
+        *local.usage.lock().expect("not poisoned") = Some(Arc::clone(&ledger));
+        let is_usage = |message: &AgentMessage| matches!(message, AgentMessage::Usage { .. });
+
+        let (mut server, _stats, stop, outcome) = start(ControlConfig::default(), Arc::clone(&local), 64);
+        server.welcome(Some(20)).await;
+        assert_eq!(usage_seqs(server.until("usage", is_usage).await), [1, 2]);
+        server.send(&ServerMessage::UsageAck { seq: 1 }).await;
+        ledger.record([usage(3)], now, now).expect("recorded");
+        assert_eq!(usage_seqs(server.until("new usage", is_usage).await), [3], "sent once per session");
+        for _ in 0..300 {
+            if ledger.pending_len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let pending: Vec<u64> = ledger.pending_after(None, 10).iter().map(|record| record.seq).collect();
+        assert_eq!(pending, [2, 3], "the ack dropped what it covers");
+        let _ = stop.send(true);
+        let _ = outcome.await;
+
+        // A new session sends again what was not acknowledged, and nothing that was.
+        let (mut server, _stats, _stop, _outcome) = start(ControlConfig::default(), Arc::clone(&local), 64);
+        server.welcome(Some(20)).await;
+        assert_eq!(usage_seqs(server.until("usage again", is_usage).await), [2, 3]);
+        server.send(&ServerMessage::UsageAck { seq: 3 }).await;
+        for _ in 0..300 {
+            if ledger.pending_len() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(ledger.pending_len(), 0);
     }
 
     #[tokio::test]

@@ -11,9 +11,13 @@
 //!   `O_APPEND`, so it continues at the new end).
 //! - A workload is recorded as its pid and start time; adoption checks both, so a pid that
 //!   the kernel gave to another process is never adopted or signalled.
+//! - `suspend` freezes the process group with the cgroup v1 freezer when the host has one,
+//!   else stops it with SIGSTOP (see `freezer`); `resume`, and every stop or adoption, thaws it
+//!   first, so a frozen workload is never left behind or waited on.
 //! - The workload's environment is the launch spec's plus a few basics inherited from the
 //!   agent (`inherited_env`), never the agent's whole environment.
 
+mod freezer;
 mod procfs;
 
 use std::collections::HashMap;
@@ -251,6 +255,10 @@ impl Driver for ProcessDriver {
         if let WorkloadStatus::Running { .. } = self.status(launch.application_id) {
             return Err(DriverError::AlreadyRunning);
         }
+        // A previous agent may have left it suspended; what is adopted runs.
+        if let Err(error) = freezer::resume(launch.application_id, Some(pid)) {
+            tracing::warn!(application = %launch.name, %error, "cannot thaw an adopted workload");
+        }
         self.ensure_entry(launch.application_id, true)?;
         let (exit_sender, exit) = watch::channel(None);
         let stopping = Arc::new(AtomicBool::new(false));
@@ -272,9 +280,38 @@ impl Driver for ProcessDriver {
 
     async fn stop(&self, application_id: ApplicationId) -> Result<(), DriverError> {
         match self.take_instance(application_id) {
-            Some(instance) => self.stop_instance(instance).await,
+            Some(instance) => {
+                // A suspended group would never act on SIGTERM.
+                if let Err(error) = freezer::resume(application_id, Some(instance.identity.pid)) {
+                    tracing::warn!(%application_id, %error, "cannot thaw a workload before stopping it");
+                }
+                let result = self.stop_instance(instance).await;
+                freezer::remove(application_id);
+                result
+            }
             None => Ok(()),
         }
+    }
+
+    async fn suspend(&self, application_id: ApplicationId) -> Result<(), DriverError> {
+        let pid = match self.status(application_id) {
+            WorkloadStatus::Running { handle: WorkloadHandle::Process { pid, .. } } => pid,
+            _ => return Err(DriverError::NotRunning),
+        };
+        let how = freezer::suspend(application_id, pid)
+            .await
+            .map_err(|message| DriverError::Proc { pid, source: std::io::Error::other(message) })?;
+        tracing::info!(%application_id, pid, ?how, "suspended process group");
+        Ok(())
+    }
+
+    async fn resume(&self, application_id: ApplicationId) -> Result<(), DriverError> {
+        let pid = match self.status(application_id) {
+            WorkloadStatus::Running { handle: WorkloadHandle::Process { pid, .. } } => pid,
+            _ => return Err(DriverError::NotRunning),
+        };
+        freezer::resume(application_id, Some(pid))
+            .map_err(|message| DriverError::Proc { pid, source: std::io::Error::other(message) })
     }
 
     async fn stop_recorded(&self, handle: &WorkloadHandle) -> Result<(), DriverError> {
@@ -282,7 +319,12 @@ impl Driver for ProcessDriver {
             return Err(DriverError::WrongKind { supported: WorkloadKind::Process, requested: handle.kind() });
         };
         match (ProcessIdentity { pid, start_time }).liveness().map_err(|source| DriverError::Proc { pid, source })? {
-            Liveness::Running | Liveness::Leftovers => terminate_group(pid, &self.config).await,
+            Liveness::Running | Liveness::Leftovers => {
+                // A group stopped by signal must continue to act on SIGTERM. (A frozen cgroup
+                // is thawed by `adopt`, which knows the application.)
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGCONT);
+                terminate_group(pid, &self.config).await
+            }
             Liveness::Gone => Ok(()),
         }
     }

@@ -14,13 +14,16 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
+
+use edgible::model::ApplicationId;
 
 use super::ProxyMetrics;
 use super::access::pages::page;
 use super::access::{AccessControl, Visit};
+use crate::sleep::{Counters, SleepTable, WakeError};
 
 /// The body of every answer: the workload's streamed body, or a small page of our own.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -52,10 +55,27 @@ pub struct RequestContext {
     pub client: SocketAddr,
     /// The workload's port on 127.0.0.1.
     pub port: u16,
-    pub connect_timeout: Duration,
+    /// Kept-alive connections to the workloads, shared by every connection of the proxy.
+    pub upstream: Upstream,
     pub metrics: Arc<ProxyMetrics>,
     /// The access policies each request is checked against.
     pub access: Arc<AccessControl>,
+    /// The application's sleep and usage counting, when the proxy knows the application.
+    pub sleep: Option<Sleeper>,
+}
+
+/// What a request needs to count itself and wake its application.
+#[derive(Clone)]
+pub struct Sleeper {
+    pub table: Arc<SleepTable>,
+    pub application_id: ApplicationId,
+    pub counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Sleeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sleeper").field("application_id", &self.application_id).finish_non_exhaustive()
+    }
 }
 
 /// The per-connection service handed to hyper; cheap to clone.
@@ -91,6 +111,14 @@ impl ProxyService {
                 return Ok(answer);
             }
         };
+        if let Some(sleep) = &context.sleep {
+            Counters::add(&sleep.counters.requests, 1);
+            sleep.table.touch(sleep.application_id);
+            if let Err(error) = sleep.table.ensure_awake(sleep.application_id).await {
+                debug!(application = %sleep.application_id, %error, "answering 503: the application did not wake");
+                return Ok(wake_failed(&request, &error));
+            }
+        }
         let upgrade = upgrade_protocol(&request);
         // Must be taken before the request is consumed: it resolves once hyper has sent our
         // 101 answer and hands over the client's raw stream.
@@ -161,7 +189,13 @@ impl ProxyService {
     ) -> Result<Request<Incoming>, http::Error> {
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |path| path.as_str());
-        parts.uri = Uri::builder().path_and_query(path).build()?;
+        // Absolute, so the pool knows which workload; the workload itself is sent the origin
+        // form.
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(format!("{}:{}", Ipv4Addr::LOCALHOST, self.context.port))
+            .path_and_query(path)
+            .build()?;
         parts.version = Version::HTTP_11;
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
@@ -178,35 +212,60 @@ impl ProxyService {
         Ok(Request::from_parts(parts, body))
     }
 
-    /// Opens a connection to the workload and sends the request on it. One connection per
-    /// request keeps the proxy simple; the workload is on loopback, where connecting is cheap.
+    /// Sends the request to the workload on a kept-alive connection (a new one when none is
+    /// idle; a request that found its pooled connection closed by the workload is sent again
+    /// on a fresh one before anything of it was written).
     async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
-        let address = (Ipv4Addr::LOCALHOST, self.context.port);
-        let stream = tokio::time::timeout(self.context.connect_timeout, TcpStream::connect(address))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout)?
-            .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Http)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                debug!(%error, "workload connection ended with an error");
-            }
-        });
-        sender.send_request(request).await.map_err(UpstreamError::Http)
+        self.context.upstream.request(request).await.map_err(UpstreamError)
     }
+}
+
+/// The 503 answer of a failed wake: a small page for browsers, plain text for the others.
+fn wake_failed<B>(request: &Request<B>, error: &WakeError) -> Response<ProxyBody> {
+    let wants_html = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    let message = format!("The application is asleep and could not be woken ({error}). Please try again in a moment.");
+    let mut response = if wants_html {
+        page(StatusCode::SERVICE_UNAVAILABLE, "Application unavailable", &message)
+    } else {
+        let body =
+            http_body_util::Full::new(Bytes::from(format!("{message}\n"))).map_err(|never| match never {}).boxed();
+        let mut response = Response::new(body);
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        response
+    };
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    response
 }
 
 /// Why the workload gave no answer.
 #[derive(Debug, thiserror::Error)]
-enum UpstreamError {
-    #[error("connecting to the workload timed out")]
-    ConnectTimeout,
-    #[error("cannot connect to the workload: {0}")]
-    Connect(std::io::Error),
-    #[error("HTTP exchange with the workload failed: {0}")]
-    Http(hyper::Error),
+#[error("the exchange with the workload failed: {0}")]
+struct UpstreamError(hyper_util::client::legacy::Error);
+
+/// The proxy's client of the workloads: HTTP/1.1 to `127.0.0.1:<port>`, connections kept
+/// alive and reused request after request, as a reverse proxy in front of a local server
+/// should (a new TCP connection and task per request cost as much as the rest of the request).
+pub type Upstream = hyper_util::client::legacy::Client<HttpConnector, Incoming>;
+
+/// How many idle connections to one workload are kept, and for how long.
+const IDLE_UPSTREAM_PER_WORKLOAD: usize = 64;
+const IDLE_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A pool of connections to the workloads, connecting within `connect_timeout`.
+pub fn upstream(connect_timeout: Duration) -> Upstream {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(IDLE_UPSTREAM_TIMEOUT)
+        .pool_max_idle_per_host(IDLE_UPSTREAM_PER_WORKLOAD)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
 }
 
 /// The request's authority when every host it names (the URI's authority, which carries
@@ -279,5 +338,19 @@ mod tests {
         let response = page(StatusCode::BAD_GATEWAY, "Bad gateway", "down");
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(response.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
+    }
+
+    #[test]
+    fn failed_wakes_answer_html_to_browsers_and_text_to_others() {
+        let error = WakeError::Failed("exited".to_owned());
+        let browser = Request::builder().header(header::ACCEPT, "text/html,*/*").body(()).expect("request");
+        let answer = wake_failed(&browser, &error);
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
+        let curl = Request::builder().header(header::ACCEPT, "*/*").body(()).expect("request");
+        let answer = wake_failed(&curl, &error);
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.headers()[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+        assert_eq!(answer.headers()[header::RETRY_AFTER], "5");
     }
 }

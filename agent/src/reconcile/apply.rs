@@ -11,12 +11,20 @@
 //! - The desired state is persisted before it is taken, and what runs after every pass, so an
 //!   agent restarting without the server keeps serving and adopts its workloads. A reconciler
 //!   holds its state directory's lock for its whole life.
+//! - Sleep ([`crate::sleep`]): each pass first puts idle applications with a `sleep` policy
+//!   to sleep: mode `stop` stops the workload and leaves the application out of the plan while
+//!   it sleeps (so nothing restarts it), mode `suspend` asks the driver to suspend it (and
+//!   stops it instead, with an event, when the driver cannot). Wakes come from the proxy as
+//!   commands: start or resume, then the waker waits for the health check (or the port). A
+//!   change to a suspended application's spec resumes it first. Phases `sleeping` and
+//!   `waking`; every transition is an event. What sleeps is not persisted: after an agent
+//!   restart every application starts awake and sleeps again once idle.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgible::model::{Application, ApplicationId, HealthCheck, Revision};
+use edgible::model::{Application, ApplicationId, HealthCheck, Revision, SleepMode};
 use edgible::protocol::v1::{ApplicationStatus, Phase};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -29,6 +37,7 @@ use crate::driver::{Driver, ExitInfo, LaunchSpec, Wake, WorkloadHandle, Workload
 use crate::events::EventLog;
 use crate::health::{HealthConfig, HealthMonitor, HealthState};
 use crate::logs::LogBuffer;
+use crate::sleep::{SleepState, SleepTable, WakeWorkload};
 use crate::state::{PersistedState, StateDir, StateError, StateLock, WorkloadRecord};
 
 #[derive(Debug, Clone)]
@@ -177,6 +186,10 @@ pub struct Reconciler {
     /// The desired state as taken, for the data path (routes and certificates).
     desired_watch: watch::Sender<Arc<DesiredState>>,
     last_saved: Vec<u8>,
+    /// Activity, sleep and wake of applications, shared with the proxy.
+    sleep: Arc<SleepTable>,
+    /// The applications asleep and how.
+    sleeping: BTreeMap<ApplicationId, SleepMode>,
 }
 
 impl Reconciler {
@@ -204,7 +217,12 @@ impl Reconciler {
         let (report, _) =
             watch::channel(AgentReport { applied_revision: persisted.applied_revision, ..AgentReport::default() });
         let (desired_watch, _) = watch::channel(Arc::new(persisted.desired.clone()));
+        let wake = Wake::new();
+        let sleep = SleepTable::new(wake.clone());
+        sleep.set_applications(persisted.desired.applications.values());
         Ok(Self {
+            sleep,
+            sleeping: BTreeMap::new(),
             desired_watch,
             events: EventLog::new(config.event_capacity),
             config,
@@ -216,7 +234,7 @@ impl Reconciler {
             workloads,
             attempts: BTreeMap::new(),
             stopped: BTreeMap::new(),
-            wake: Wake::new(),
+            wake,
             jitter: Box::new(RandomJitter),
             report,
             last_saved: Vec::new(),
@@ -235,6 +253,11 @@ impl Reconciler {
 
     pub fn events(&self) -> EventLog {
         self.events.clone()
+    }
+
+    /// The sleep table the proxy counts activity in and asks for wakes.
+    pub fn sleep_table(&self) -> Arc<SleepTable> {
+        Arc::clone(&self.sleep)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<AgentReport> {
@@ -257,6 +280,7 @@ impl Reconciler {
             self.save(&persisted)?;
             self.stopped.retain(|application_id, _| !desired.applications.contains_key(application_id));
             self.desired_watch.send_replace(Arc::new(desired.clone()));
+            self.sleep.set_applications(desired.applications.values());
             self.desired = desired;
             self.wake.wake();
         }
@@ -267,9 +291,16 @@ impl Reconciler {
     pub async fn reconcile(&mut self) -> Instant {
         let now = Instant::now();
         self.observe(now).await;
-        let changes = plan(&self.desired, &self.actual());
+        self.fall_asleep(now).await;
+        let mut awake = self.desired.clone();
+        awake.applications.retain(|application_id, _| self.sleeping.get(application_id) != Some(&SleepMode::Stop));
+        let changes = plan(&awake, &self.actual());
         let mut jobs = Vec::new();
         for change in changes {
+            if self.sleeping.get(&change.application_id()) == Some(&SleepMode::Suspend) {
+                // A suspended workload cannot be stopped or changed: let it run first.
+                self.resume(change.application_id(), "its spec changed").await;
+            }
             if !self.gated(&change, now) {
                 jobs.push(self.job(change));
             }
@@ -291,6 +322,137 @@ impl Reconciler {
         }
         self.publish(now);
         self.next_pass(now)
+    }
+
+    /// Puts the applications the sleep table finds idle to sleep.
+    async fn fall_asleep(&mut self, now: Instant) {
+        // Applications that lost their policy (or went away) wake up first; the plan then
+        // starts, keeps or stops them like any other.
+        let woken: Vec<ApplicationId> = self
+            .sleeping
+            .keys()
+            .filter(|id| self.desired.applications.get(id).is_none_or(|application| application.spec.sleep.is_none()))
+            .copied()
+            .collect();
+        for application_id in woken {
+            self.resume(application_id, "no longer under a sleep policy").await;
+        }
+        for (application_id, mode) in self.sleep.idle(now) {
+            let running = self
+                .workloads
+                .get(&application_id)
+                .is_some_and(|tracked| tracked.exit.is_none() && tracked.supervision == Supervision::Supervised);
+            if !running || self.sleeping.contains_key(&application_id) || !self.sleep.begin_sleep(application_id, now) {
+                continue;
+            }
+            let Some(tracked) = self.workloads.get(&application_id) else { continue };
+            let name = tracked.launch.name.to_string();
+            let driver = self.drivers.get(tracked.handle.kind());
+            if mode == SleepMode::Suspend {
+                let suspended = match &driver {
+                    Some(driver) => driver.suspend(application_id).await.map_err(|error| error.to_string()),
+                    None => Err("no driver".to_owned()),
+                };
+                match suspended {
+                    Ok(()) => {
+                        self.sleeping.insert(application_id, SleepMode::Suspend);
+                        self.events.record(Some(application_id), format!("{name} is idle: suspended"));
+                        continue;
+                    }
+                    Err(error) => self.events.record(
+                        Some(application_id),
+                        format!("{name} is idle but cannot be suspended ({error}); stopping it instead"),
+                    ),
+                }
+            }
+            let previous = self.job(Change::Stop { application_id }).previous;
+            match stop_previous(application_id, previous, false).await {
+                Ok(()) => {
+                    self.workloads.remove(&application_id);
+                    self.sleeping.insert(application_id, SleepMode::Stop);
+                    self.events.record(Some(application_id), format!("{name} is idle: stopped until the next request"));
+                }
+                Err(error) => {
+                    self.sleep.set_awake(application_id);
+                    self.events.record(Some(application_id), format!("{name} is idle but cannot be stopped: {error}"));
+                }
+            }
+        }
+    }
+
+    /// Lets a suspended application run again, outside of a wake.
+    async fn resume(&mut self, application_id: ApplicationId, why: &str) {
+        if self.sleeping.remove(&application_id).is_none() {
+            return;
+        }
+        if let Some(driver) = self.workloads.get(&application_id).and_then(|t| self.drivers.get(t.handle.kind()))
+            && let Err(error) = driver.resume(application_id).await
+        {
+            tracing::warn!(application = %application_id, %error, "cannot resume a suspended workload");
+        }
+        self.sleep.set_awake(application_id);
+        self.events.record(Some(application_id), format!("awake again: {why}"));
+    }
+
+    /// Executes a wake the proxy asked for: starts or resumes the workload. The waker then
+    /// waits until it is ready.
+    async fn wake_application(&mut self, application_id: ApplicationId) -> Result<Readiness, String> {
+        let Some(application) = self.desired.applications.get(&application_id).cloned() else {
+            return Err("the application is no longer placed on this device".to_owned());
+        };
+        let readiness = Readiness { port: application.spec.port, health_check: application.spec.health_check.clone() };
+        match self.sleeping.remove(&application_id) {
+            None => Ok(readiness),
+            Some(SleepMode::Suspend) => {
+                let driver = self.workloads.get(&application_id).and_then(|t| self.drivers.get(t.handle.kind()));
+                let resumed = match driver {
+                    Some(driver) => driver.resume(application_id).await.map_err(|error| error.to_string()),
+                    None => Err("no driver".to_owned()),
+                };
+                match resumed {
+                    Ok(()) => {
+                        self.events.record(Some(application_id), format!("{} waking: resumed", application.spec.name));
+                        Ok(readiness)
+                    }
+                    Err(error) => {
+                        self.sleeping.insert(application_id, SleepMode::Suspend);
+                        Err(format!("cannot resume: {error}"))
+                    }
+                }
+            }
+            Some(SleepMode::Stop) => {
+                let job = self.job(Change::Start { application: application.clone() });
+                let outcome = start(application.clone(), Vec::new(), job.driver, None, job.wake).await;
+                let started = matches!(outcome, Outcome::Started { .. });
+                let error = match &outcome {
+                    Outcome::StartFailed { error, .. } => error.clone(),
+                    _ => String::new(),
+                };
+                self.absorb(outcome, Instant::now());
+                if started {
+                    self.events.record(Some(application_id), format!("{} waking: started", application.spec.name));
+                    Ok(readiness)
+                } else {
+                    self.sleeping.insert(application_id, SleepMode::Stop);
+                    Err(error)
+                }
+            }
+        }
+    }
+
+    /// A wake failed or timed out: stops what it started, so the next request wakes afresh.
+    async fn wake_failed(&mut self, application_id: ApplicationId, reason: &str) {
+        let name = self.desired.applications.get(&application_id).map(|a| a.spec.name.to_string()).unwrap_or_default();
+        self.events.record(Some(application_id), format!("{name} failed to wake: {reason}; asleep again"));
+        if self.sleeping.contains_key(&application_id) || !self.desired.applications.contains_key(&application_id) {
+            return;
+        }
+        let previous = self.job(Change::Stop { application_id }).previous;
+        if let Err(error) = stop_previous(application_id, previous, false).await {
+            tracing::warn!(application = %application_id, %error, "cannot stop a workload that failed to wake");
+        }
+        self.workloads.remove(&application_id);
+        self.sleeping.insert(application_id, SleepMode::Stop);
     }
 
     /// Updates what is known about each tracked workload.
@@ -517,6 +679,24 @@ impl Reconciler {
     }
 
     fn status(&self, application: &Application, now: Instant) -> ApplicationStatus {
+        if let Some(mode) = self.sleeping.get(&application.id) {
+            let how = match mode {
+                SleepMode::Stop => "stopped",
+                SleepMode::Suspend => "suspended",
+            };
+            let revision = self.workloads.get(&application.id).map_or(application.revision, |t| t.revision);
+            let message = Some(format!("idle: {how} until the next request"));
+            return ApplicationStatus { application_id: application.id, revision, phase: Phase::Sleeping, message };
+        }
+        let status = self.workload_status(application, now);
+        // A failure while waking stays visible: the waker fails the wake on it.
+        if self.sleep.state(application.id) == Some(SleepState::Waking) && status.phase != Phase::Failed {
+            return ApplicationStatus { phase: Phase::Waking, message: None, ..status };
+        }
+        status
+    }
+
+    fn workload_status(&self, application: &Application, now: Instant) -> ApplicationStatus {
         let attempts = self.attempts.get(&application.id);
         let retry = || match attempts.and_then(|attempts| attempts.waiting(now)) {
             Some(delay) => format!("; retrying in {}", seconds(delay)),
@@ -584,6 +764,7 @@ impl Reconciler {
             })
             .filter_map(|(_, attempts)| attempts.not_before)
             .filter(|at| *at > now)
+            .chain(self.sleep.next_idle().map(|at| at.max(now)))
             .fold(requeue, Instant::min)
     }
 
@@ -657,8 +838,10 @@ impl Reconciler {
         let desired = self.watch_desired();
         let drivers = self.drivers.clone();
         let events = self.events.clone();
+        let sleep = self.sleep_table();
+        sleep.set_waker(Arc::new(ReconcilerWaker { commands: commands.downgrade(), report: report.clone() }));
         let task = tokio::spawn(self.run(receiver));
-        ReconcilerHandle { commands, report, desired, drivers, events, task }
+        ReconcilerHandle { commands, report, desired, drivers, events, sleep, task }
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
@@ -669,6 +852,13 @@ impl Reconciler {
                 command = commands.recv() => match command {
                     Some(Command::Update(update, reply)) => {
                         let _ = reply.send(self.update(update));
+                    }
+                    Some(Command::Wake(application_id, reply)) => {
+                        let result = self.wake_application(application_id).await;
+                        let _ = reply.send(result);
+                    }
+                    Some(Command::WakeFailed(application_id, reason)) => {
+                        self.wake_failed(application_id, &reason).await;
                     }
                     Some(Command::Shutdown(mode, reply)) => {
                         self.shutdown(mode).await;
@@ -696,6 +886,66 @@ fn seconds(duration: Duration) -> String {
 enum Command {
     Update(DesiredUpdate, oneshot::Sender<Result<UpdateOutcome, StateError>>),
     Shutdown(Shutdown, oneshot::Sender<()>),
+    Wake(ApplicationId, oneshot::Sender<Result<Readiness, String>>),
+    WakeFailed(ApplicationId, String),
+}
+
+/// What tells that a woken workload is ready.
+#[derive(Debug, Clone)]
+struct Readiness {
+    port: u16,
+    health_check: Option<HealthCheck>,
+}
+
+/// How often a waking workload is checked.
+const READY_POLL: Duration = Duration::from_millis(10);
+
+/// The reconciler's side of wakes: a command to start or resume, then polling readiness (the
+/// health check, or the port accepting). It holds a weak sender, so it never keeps a
+/// reconciler alive.
+struct ReconcilerWaker {
+    commands: mpsc::WeakSender<Command>,
+    /// A workload that fails while waking fails the wake at once, not at its timeout.
+    report: watch::Receiver<AgentReport>,
+}
+
+#[async_trait::async_trait]
+impl WakeWorkload for ReconcilerWaker {
+    async fn wake(&self, application_id: ApplicationId) -> Result<(), String> {
+        let commands = self.commands.upgrade().ok_or("the agent is shutting down")?;
+        let (reply, answer) = oneshot::channel();
+        commands.send(Command::Wake(application_id, reply)).await.map_err(|_| "the agent is shutting down")?;
+        drop(commands);
+        let readiness = answer.await.map_err(|_| "the agent is shutting down".to_owned())??;
+        // The caller bounds the whole wake in time; the count bounds it here too.
+        for _ in 0..60_000 {
+            let ready = match &readiness.health_check {
+                Some(check) => crate::health::probe(check, readiness.port, Duration::from_secs(1)).await,
+                None => tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, readiness.port))
+                    .await
+                    .map(drop)
+                    .map_err(|error| error.to_string()),
+            };
+            if ready.is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.report.borrow().status(application_id)
+                && status.phase == Phase::Failed
+            {
+                return Err(status.message.clone().unwrap_or_else(|| "the workload failed".to_owned()));
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
+        Err("the workload never became ready".to_owned())
+    }
+
+    fn failed(&self, application_id: ApplicationId, reason: String) {
+        if let Some(commands) = self.commands.upgrade()
+            && commands.try_send(Command::WakeFailed(application_id, reason)).is_err()
+        {
+            tracing::warn!(application = %application_id, "cannot tell the reconciler that a wake failed");
+        }
+    }
 }
 
 /// Talks to a running reconciler.
@@ -705,6 +955,7 @@ pub struct ReconcilerHandle {
     desired: watch::Receiver<Arc<DesiredState>>,
     drivers: Drivers,
     events: EventLog,
+    sleep: Arc<SleepTable>,
     task: JoinHandle<()>,
 }
 
@@ -733,6 +984,11 @@ impl ReconcilerHandle {
 
     pub fn events(&self) -> EventLog {
         self.events.clone()
+    }
+
+    /// The sleep table, for the proxy.
+    pub fn sleep_table(&self) -> Arc<SleepTable> {
+        Arc::clone(&self.sleep)
     }
 
     /// Ends the reconciler and waits until it has.
@@ -1030,6 +1286,49 @@ mod tests {
         reconciler.reconcile().await;
         let message = phase(&reconciler, app.id).1.unwrap_or_default();
         assert_eq!(message, "exited with status 1; retrying in 0.3s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_application_sleeps_and_is_not_restarted_while_asleep() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let driver = Arc::new(FakeDriver::default());
+        let mut reconciler = reconciler(temp.path(), Arc::clone(&driver));
+        let mut app = application("sleepy", 1, "serve");
+        app.spec.sleep = Some(edgible::model::SleepPolicy {
+            idle_timeout_seconds: 10,
+            mode: SleepMode::Suspend,
+            wake_timeout_seconds: 5,
+        });
+        reconciler.update(DesiredUpdate::full(1, vec![app.clone()])).expect("taken");
+        reconciler.reconcile().await;
+        assert_eq!(driver.starts(app.id), 1);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        let next = reconciler.reconcile().await;
+        assert_eq!(phase(&reconciler, app.id).0, Phase::Running);
+        assert!(next <= Instant::now() + Duration::from_secs(1), "the next pass is due when it becomes idle");
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        reconciler.reconcile().await;
+        // The fake driver cannot suspend: stopped instead, with an event saying so.
+        assert_eq!(phase(&reconciler, app.id).0, Phase::Sleeping);
+        assert_eq!(driver.status(app.id), WorkloadStatus::Absent);
+        let events: Vec<String> = reconciler.events().snapshot().into_iter().map(|event| event.message).collect();
+        assert!(events.iter().any(|message| message.contains("cannot be suspended")), "{events:?}");
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(60)).await;
+            reconciler.reconcile().await;
+        }
+        assert_eq!(driver.starts(app.id), 1, "nothing restarts a sleeping application");
+        assert_eq!(phase(&reconciler, app.id).0, Phase::Sleeping);
+
+        // Without its policy it runs again.
+        let mut awake = app.clone();
+        awake.revision = 2;
+        awake.spec.sleep = None;
+        reconciler.update(DesiredUpdate::full(2, vec![awake])).expect("taken");
+        reconciler.reconcile().await;
+        assert_eq!(driver.starts(app.id), 2);
+        assert_eq!(phase(&reconciler, app.id).0, Phase::Running);
     }
 
     #[tokio::test]

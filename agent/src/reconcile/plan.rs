@@ -109,7 +109,8 @@ pub fn launch_differences(running: &LaunchSpec, desired: &LaunchSpec) -> Vec<Res
     let mut reasons = Vec::new();
     if running.kind() != desired.kind() {
         reasons.push(RestartReason::KindChanged);
-    } else if running.program != desired.program {
+    } else if running.program != desired.program || running.resources != desired.resources {
+        // A VM's size is part of what runs: new limits need a new guest.
         reasons.push(RestartReason::ProgramChanged);
     }
     if running.env != desired.env {

@@ -108,6 +108,12 @@ impl Drop for Harness {
                             .stderr(std::process::Stdio::null())
                             .status();
                     }
+                    WorkloadHandle::Vm { pid, start_time, .. } => {
+                        let identity = ProcessIdentity { pid: *pid, start_time: *start_time };
+                        if identity.liveness().ok() != Some(Liveness::Gone) {
+                            let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL);
+                        }
+                    }
                 }
             }
         }
