@@ -525,6 +525,22 @@ impl Client {
         self.send(Method::GET, "v1/events", &pairs, None::<&()>, None).await
     }
 
+    /// Usage per application and hour in every hour that overlaps `[from, to)` (at most 93
+    /// days), of the caller's organization or, with a `platform` key, of `organization`.
+    pub async fn usage(
+        &self,
+        from: chrono::DateTime<chrono::Utc>,
+        to: chrono::DateTime<chrono::Utc>,
+        organization: Option<OrganizationId>,
+    ) -> Result<crate::model::UsageReport, ClientError> {
+        let time = |at: chrono::DateTime<chrono::Utc>| at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        let mut pairs = vec![("from", time(from)), ("to", time(to))];
+        if let Some(organization) = organization {
+            pairs.push(("organization_id", organization.to_string()));
+        }
+        self.send(Method::GET, "v1/usage", &pairs, None::<&()>, None).await
+    }
+
     fn url(&self, path: &str) -> Result<Url, ClientError> {
         self.base
             .join(path)

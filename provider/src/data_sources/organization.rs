@@ -18,6 +18,11 @@ static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
             .attribute(Attribute::computed("id", Type::String, "The organization's id."))
             .attribute(Attribute::computed("name", Type::String, "The organization's name."))
             .attribute(Attribute::computed(
+                "operator",
+                Type::Bool,
+                "Whether it is an operator organization, whose cloud hosts run `cloud` placements.",
+            ))
+            .attribute(Attribute::computed(
                 "revision",
                 Type::Number,
                 "The revision of the organization's last change.",
@@ -46,6 +51,7 @@ impl DataSource for OrganizationData {
         let mut state = Value::Map(Default::default());
         state.set("id", Value::string(whoami.organization.id.to_string()));
         state.set("name", Value::string(whoami.organization.spec.name.to_string()));
+        state.set("operator", Value::Bool(whoami.organization.spec.operator));
         state.set("revision", Value::int(i64::try_from(whoami.organization.revision).unwrap_or(i64::MAX)));
         Ok(state)
     }

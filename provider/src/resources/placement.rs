@@ -46,6 +46,17 @@ static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
         .attribute(
             Attribute::optional("region", Type::String, "For `cloud`: the region to choose a host in.")
                 .check(Check::Parse(parses::<Region>)),
+        )
+        .attribute(
+            Attribute::computed(
+                "host",
+                Type::String,
+                "The id of the device the application runs on: `device_id` for `serving-device`, the cloud host \
+                 the scheduler chose for `cloud` (the host itself belongs to the operator and cannot be read).",
+            )
+            // Any change of the placement may move the application: the new host is known only
+            // once the server chose it.
+            .changes_on_write(),
         ),
     )
 });
@@ -98,6 +109,15 @@ impl Model for PlacementModel {
             _ => {}
         }
         diagnostics
+    }
+
+    /// The spec's fields, `id`, `revision` and the platform's choice of `host`.
+    fn state_json(object: &Placement) -> serde_json::Value {
+        let mut state = super::flattened_state_json(object);
+        if let (serde_json::Value::Object(state), Some(host)) = (&mut state, object.host) {
+            state.insert("host".into(), serde_json::Value::String(host.to_string()));
+        }
+        state
     }
 
     fn created(created: Placement) -> (Placement, Vec<(&'static str, Value)>) {
@@ -161,6 +181,29 @@ mod tests {
         assert_eq!(state.get("strategy"), &Value::string("cloud"));
         assert_eq!(state.get("region"), &Value::string("eu-west"));
         assert_eq!(state.get("device_id"), &Value::Null);
+        assert_eq!(state.get("host"), &Value::Null, "not scheduled");
         assert_eq!(Managed::<PlacementModel>::spec(&state).unwrap(), placement.spec);
+    }
+
+    #[test]
+    fn the_chosen_host_is_computed_state_not_spec() {
+        let host = DeviceId::new();
+        let application_id = ApplicationId::new();
+        let spec = PlacementSpec::Cloud { application_id, pool_id: None, region: Some("eu-west".parse().unwrap()) };
+        let placement = Placement {
+            id: edgible::model::PlacementId::new(),
+            organization_id: edgible::model::OrganizationId::new(),
+            revision: 2,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+            host: Some(host),
+            spec: spec.clone(),
+        };
+        let state = Managed::<PlacementModel>::state(&placement).unwrap();
+        assert_eq!(state.get("host"), &Value::string(host.to_string()));
+        assert_eq!(Managed::<PlacementModel>::spec(&state).unwrap(), spec, "host is not sent back");
+        let attribute = SCHEMA.block.attributes.iter().find(|a| a.name == "host").unwrap();
+        assert!(attribute.is_computed_only(), "users cannot set it");
+        assert!(attribute.changes_on_write, "a changed placement may move: its host is unknown until applied");
     }
 }

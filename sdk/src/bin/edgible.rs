@@ -1,6 +1,6 @@
 //! The `edgible` command line: log in to a server, manage organizations, members, API keys, device
 //! pools, devices, edges, domains, applications and placements, deploy stack files, read what devices
-//! report (status, logs, events), and fetch the internal CA certificate (`edgible ca`).
+//! report (status, logs, events) and metered usage, and fetch the internal CA certificate (`edgible ca`).
 //!
 //! Each object kind has its own module with its clap arguments and handlers; [`plan`] is the
 //! pure stack diff and [`stack`] applies it. Handlers return `anyhow` errors with context
@@ -45,6 +45,8 @@ mod reports;
 mod resolve;
 #[path = "edgible/stack.rs"]
 mod stack;
+#[path = "edgible/usage.rs"]
+mod usage;
 
 use std::process::ExitCode;
 
@@ -109,6 +111,9 @@ enum Command {
     Logs(reports::LogsArgs),
     /// Lifecycle events devices reported (started, exited, restarted, stopped), oldest first.
     Events(reports::EventsArgs),
+    /// Metered usage per application and hour (awake time, requests, bytes, wakes), with
+    /// totals.
+    Usage(usage::UsageArgs),
 }
 
 /// What every command handler gets: the output format and where to find the server.
@@ -169,6 +174,7 @@ async fn run(command: Command, context: &Context) -> anyhow::Result<()> {
         Command::Stack(command) => stack::run(command, context).await,
         Command::Logs(args) => reports::logs(args, context).await,
         Command::Events(args) => reports::events(args, context).await,
+        Command::Usage(args) => usage::usage(args, context).await,
     }
 }
 

@@ -94,6 +94,15 @@ pub async fn run(command: DeviceCommand, context: &Context) -> anyhow::Result<()
                         .field("public key", optional(status.public_key.as_ref()))
                         .field("applied revision", optional(status.applied_revision))
                         .field("last seen", optional(status.last_seen_at.map(|at| at.to_rfc3339())))
+                        .field(
+                            "cloud host",
+                            optional(status.cloud_host.map(|capacity| {
+                                format!(
+                                    "{} vCPU, {} MiB memory, {} MiB disk",
+                                    capacity.vcpus, capacity.memory_mib, capacity.disk_mib
+                                )
+                            })),
+                        )
                         .field("revision", device.revision)
                         .field("created", device.created_at.to_rfc3339())
                         .print();

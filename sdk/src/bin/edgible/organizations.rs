@@ -18,7 +18,12 @@ pub enum OrgCommand {
         organization: String,
     },
     /// Create an organization and print its first admin key (needs a platform key).
-    Create { name: Name },
+    Create {
+        name: Name,
+        /// Make it an operator organization, whose cloud hosts run `cloud` placements.
+        #[arg(long)]
+        operator: bool,
+    },
     /// Delete an organization (needs a platform key).
     Delete {
         /// Name or id.
@@ -55,6 +60,7 @@ pub async fn run(command: OrgCommand, context: &Context) -> anyhow::Result<()> {
                     Details::new()
                         .field("name", &organization.spec.name)
                         .field("id", organization.id)
+                        .field("operator", if organization.spec.operator { "yes" } else { "no" })
                         .field("revision", organization.revision)
                         .field("created", organization.created_at.to_rfc3339())
                         .field("updated", organization.updated_at.to_rfc3339())
@@ -62,8 +68,8 @@ pub async fn run(command: OrgCommand, context: &Context) -> anyhow::Result<()> {
                 }
             }
         }
-        OrgCommand::Create { name } => {
-            let spec = OrganizationSpec { name: name.clone(), operator: false };
+        OrgCommand::Create { name, operator } => {
+            let spec = OrganizationSpec { name: name.clone(), operator };
             let created: OrganizationCreated =
                 client.create::<Organization>(&spec).await.with_context(|| format!("creating organization {name}"))?;
             match context.format {

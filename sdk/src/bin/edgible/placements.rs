@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use clap::{ArgGroup, Subcommand};
 use edgible::Client;
 use edgible::model::{
-    Application, ApplicationId, Device, DevicePool, Placement, PlacementId, PlacementSpec, Region, Validate,
+    Application, ApplicationId, Device, DeviceId, DevicePool, Placement, PlacementId, PlacementSpec, Region, Validate,
 };
 
 use crate::Context;
@@ -61,13 +61,14 @@ pub async fn run(command: PlacementCommand, context: &Context) -> anyhow::Result
             match context.format {
                 Format::Json => print_json(&placements)?,
                 Format::Table => {
-                    let mut table = Table::new(&["APPLICATION", "ID", "STRATEGY", "TARGET", "REVISION"]);
+                    let mut table = Table::new(&["APPLICATION", "ID", "STRATEGY", "TARGET", "HOST", "REVISION"]);
                     for placement in &placements {
                         table.row(vec![
                             application_name(&applications, placement.spec.application_id()),
                             placement.id.to_string(),
                             placement.spec.strategy().to_owned(),
                             describe_placement(&placement.spec, &devices, &pools),
+                            describe_host(placement.host, &devices),
                             placement.revision.to_string(),
                         ]);
                     }
@@ -91,6 +92,7 @@ pub async fn run(command: PlacementCommand, context: &Context) -> anyhow::Result
                         .field("application", application_name(&applications, placement.spec.application_id()))
                         .field("strategy", placement.spec.strategy())
                         .field("target", describe_placement(&placement.spec, &devices, &pools))
+                        .field("host", describe_host(placement.host, &devices))
                         .field("revision", placement.revision)
                         .field("created", placement.created_at.to_rfc3339())
                         .field("updated", placement.updated_at.to_rfc3339())
@@ -185,10 +187,49 @@ pub fn describe_placement(spec: &PlacementSpec, devices: &[Device], pools: &[Dev
     }
 }
 
+/// The device a placement runs on: its name if it is one of the organization's devices, else
+/// its id (an operator's cloud host, which the organization cannot read), `-` if none.
+fn describe_host(host: Option<DeviceId>, devices: &[Device]) -> String {
+    match host {
+        Some(host) => match devices.iter().find(|device| device.id == host) {
+            Some(device) => device.spec.name.to_string(),
+            None => host.to_string(),
+        },
+        None => "-".to_owned(),
+    }
+}
+
 fn application_name(applications: &[Application], id: ApplicationId) -> String {
     applications
         .iter()
         .find(|application| application.id == id)
         .map(|application| application.spec.name.to_string())
         .unwrap_or_else(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str) -> Device {
+        let json = serde_json::json!({
+            "id": DeviceId::new(),
+            "organization_id": edgible::model::OrganizationId::new(),
+            "revision": 1,
+            "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z",
+            "spec": {"name": name, "pool_id": edgible::model::DevicePoolId::new()},
+            "status": {"tunnel_address": "100.96.0.1", "state": "online"}
+        });
+        serde_json::from_value(json).expect("a valid test device")
+    }
+
+    #[test]
+    fn hosts_are_named_when_the_organization_can_read_them() {
+        let laptop = device("laptop");
+        let cloud_host = DeviceId::new();
+        assert_eq!(describe_host(Some(laptop.id), std::slice::from_ref(&laptop)), "laptop");
+        assert_eq!(describe_host(Some(cloud_host), &[laptop]), cloud_host.to_string(), "an operator's host");
+        assert_eq!(describe_host(None, &[]), "-");
+    }
 }
