@@ -10,6 +10,7 @@ pub mod agent;
 pub mod bench;
 pub mod browser;
 pub mod cli;
+pub mod cloud_platform;
 pub mod docker;
 pub mod netns;
 pub mod pebble;

@@ -234,12 +234,19 @@ impl NsAgent {
     /// Runs the agent with test-friendly timing, no container engine, the default tunnel
     /// interface (`edgible0`, which the device firewall trusts) and proxy port 443.
     pub fn start(&mut self) -> anyhow::Result<()> {
+        self.start_with(&[])
+    }
+
+    /// Runs the agent like [`NsAgent::start`], with more `run` flags (a cloud host's
+    /// `--cloud-host --host-vcpus ...`).
+    pub fn start_with(&mut self, extra_args: &[String]) -> anyhow::Result<()> {
         let mut command = self.namespace.nsenter(&bin_path("edgible-agent")?);
         command
             .args(["run", "--state-dir"])
             .arg(self.home.state_dir())
             .args(["--no-containers", "--reconnect-max-seconds", "2", "--stop-grace-seconds", "3"])
             .args(["--requeue-seconds", "2", "--tunnel-interface", "edgible0", "--proxy-port", "443"])
+            .args(extra_args)
             .env("RUST_LOG", "info,edgible_agent=debug");
         let name = format!("edgible-agent ({})", self.name);
         self.process = Some(self.namespace.spawn(&name, command, &self.home.log_file())?);

@@ -97,6 +97,69 @@ pub fn header_lines<'a>(headers: impl IntoIterator<Item = (&'a str, Option<&'a s
         .collect()
 }
 
+/// Why a `GET /connect?to=ADDRESS:PORT` query is refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectQueryError {
+    #[error("query parameter `to` is missing")]
+    MissingTo,
+    #[error("query parameter `to` must be IPv4-ADDRESS:PORT, got {0:?}")]
+    BadTo(String),
+}
+
+/// The `to` parameter of `GET /connect?to=ADDRESS:PORT`: where the workload tries to open a
+/// TCP connection (the cloud tests check from inside one guest that another is unreachable).
+pub fn connect_target(query: Option<&str>) -> Result<std::net::SocketAddrV4, ConnectQueryError> {
+    let value = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("to="))
+        .ok_or(ConnectQueryError::MissingTo)?;
+    value.parse().map_err(|_| ConnectQueryError::BadTo(value.to_owned()))
+}
+
+/// What `GET /connect` answers: `outcome=connected`, or `outcome=failed` with the reason
+/// (`refused`, `timeout` or the error's text).
+pub fn connect_outcome(target: std::net::SocketAddrV4, result: Result<(), String>) -> String {
+    match result {
+        Ok(()) => format!("to={target}\noutcome=connected\n"),
+        Err(reason) => format!("to={target}\noutcome=failed\nreason={reason}\n"),
+    }
+}
+
+/// What `GET /whereami` answers: the kernel's boot id and release of the machine the workload
+/// runs on, so a test tells a microVM (its own kernel, its own boot) from the host, and its
+/// IPv4 addresses other than loopback (comma-separated, `-` if none).
+pub fn whereami(boot_id: &str, kernel_release: &str, addresses: &[std::net::Ipv4Addr]) -> String {
+    let addresses = if addresses.is_empty() {
+        "-".to_owned()
+    } else {
+        addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    };
+    format!("boot_id={}\nkernel={}\naddresses={addresses}\n", boot_id.trim(), kernel_release.trim())
+}
+
+/// The local IPv4 addresses (not loopback) in `/proc/net/fib_trie`'s text, sorted, each once:
+/// a leaf line `|-- ADDRESS` followed by a `/32 host LOCAL` line. Read from procfs because a
+/// guest's minimal image has no `ip` command.
+pub fn local_addresses(fib_trie: &str) -> Vec<std::net::Ipv4Addr> {
+    let mut addresses = Vec::new();
+    let mut leaf: Option<std::net::Ipv4Addr> = None;
+    for line in fib_trie.lines() {
+        let line = line.trim();
+        if let Some(address) = line.strip_prefix("|-- ") {
+            leaf = address.trim().parse().ok();
+        } else if line.starts_with("/32 host LOCAL")
+            && let Some(address) = leaf
+            && !address.is_loopback()
+        {
+            addresses.push(address);
+        }
+    }
+    addresses.sort_unstable();
+    addresses.dedup();
+    addresses
+}
+
 /// What `POST /upload` answers: the hex SHA-256 of the body and its length.
 pub fn upload_receipt(sha256_hex: &str, len: u64) -> String {
     format!("sha256={sha256_hex}\nbytes={len}\n")
@@ -144,6 +207,60 @@ mod tests {
             Err(QueryError::TooLarge(MAX_DOWNLOAD + 1))
         );
         assert!(download_len(Some("bytes=ten")).expect_err("bad").to_string().contains("`bytes`"));
+    }
+
+    #[test]
+    fn connect_queries_are_parsed_and_answered() {
+        let target: std::net::SocketAddrV4 = "198.51.100.6:8080".parse().expect("an address");
+        assert_eq!(connect_target(Some("to=198.51.100.6:8080")), Ok(target));
+        assert_eq!(connect_target(Some("x=1&to=198.51.100.6:8080")), Ok(target));
+        assert_eq!(connect_target(None), Err(ConnectQueryError::MissingTo));
+        assert_eq!(connect_target(Some("to=host:80")), Err(ConnectQueryError::BadTo("host:80".into())));
+        assert_eq!(connect_target(Some("to=198.51.100.6")), Err(ConnectQueryError::BadTo("198.51.100.6".into())));
+        let connected = connect_outcome(target, Ok(()));
+        assert_eq!(field(&connected, "outcome"), Some("connected"));
+        let failed = connect_outcome(target, Err("timeout".into()));
+        assert_eq!(field(&failed, "outcome"), Some("failed"));
+        assert_eq!(field(&failed, "reason"), Some("timeout"));
+        let guest: std::net::Ipv4Addr = "198.51.100.2".parse().expect("an address");
+        let here = whereami("abc\n", "6.1.0-56-cloud-amd64\n", &[guest]);
+        assert_eq!(field(&here, "boot_id"), Some("abc"));
+        assert_eq!(field(&here, "kernel"), Some("6.1.0-56-cloud-amd64"));
+        assert_eq!(field(&here, "addresses"), Some("198.51.100.2"));
+        assert_eq!(field(&whereami("a", "k", &[]), "addresses"), Some("-"));
+    }
+
+    /// `/proc/net/fib_trie` of a guest with one address on eth0 (both tables list it).
+    const FIB_TRIE: &str = "\
+Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+     +-- 198.51.100.0/30 2 0 2
+        |-- 198.51.100.0
+           /30 link UNICAST
+        |-- 198.51.100.2
+           /32 host LOCAL
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 198.51.100.0/30 2 0 2
+        |-- 198.51.100.2
+           /32 host LOCAL
+        |-- 198.51.100.3
+           /32 link BROADCAST
+";
+
+    #[test]
+    fn local_addresses_are_read_from_the_fib_trie() {
+        let guest: std::net::Ipv4Addr = "198.51.100.2".parse().expect("an address");
+        assert_eq!(local_addresses(FIB_TRIE), vec![guest]);
+        assert!(local_addresses("").is_empty());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The workload of the data path tests: a small HTTP server (HTTP/1.1 and HTTP/2 cleartext)
-//! that the agent runs as a process workload on `127.0.0.1:$PORT`, named by `$NAME`.
+//! that the agent runs as a process workload on `127.0.0.1:$PORT` (or `$BIND_ADDRESS:$PORT`),
+//! named by `$NAME`.
 //!
 //! - `GET /`: who answered, the `X-Forwarded-For/-Proto/-Host` it received
 //!   and the identity headers (`X-Edgible-User/-Email`) it received ([`greeting`]), so a test
@@ -8,6 +9,10 @@
 //! - `POST /upload`: the hex SHA-256 and length of the body, read as a stream.
 //! - `GET /download?bytes=N`: N bytes of the deterministic pattern, streamed.
 //! - `GET /ws`: a WebSocket echo (the upgrade goes through the edge and the device's proxy).
+//! - `GET /whereami`: the kernel's boot id and release, which tell a microVM from its host,
+//!   and the machine's IPv4 addresses.
+//! - `GET /connect?to=ADDRESS:PORT`: whether a TCP connection to there opens within 3 s, for
+//!   the cloud tests' check that one tenant's guest cannot reach another's.
 //!
 //! The pure parts live in `edgible_acceptance_tests::workload` and are unit tested there.
 
@@ -20,7 +25,8 @@ use std::task::{Context as TaskContext, Poll};
 use anyhow::Context;
 use bytes::Bytes;
 use edgible_acceptance_tests::workload::{
-    Forwarded, download_len, fill_pattern, greeting, header_lines, upload_receipt,
+    Forwarded, connect_outcome, connect_target, download_len, fill_pattern, greeting, header_lines, local_addresses,
+    upload_receipt, whereami,
 };
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Either, Full};
@@ -33,6 +39,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
+
+/// How long `GET /connect` waits for a connection to open.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The size of each chunk of a download.
 const CHUNK: usize = 64 << 10;
@@ -47,10 +56,16 @@ async fn main() -> anyhow::Result<()> {
         .parse()
         .context("PORT is not a port number")?;
     let name: Arc<str> = std::env::var("NAME").unwrap_or_else(|_| "e2e-workload".to_owned()).into();
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+    // Loopback unless told otherwise: in a microVM the host's proxy reaches the workload at
+    // the guest's address, so the cloud tests set `BIND_ADDRESS=0.0.0.0`.
+    let address: Ipv4Addr = match std::env::var("BIND_ADDRESS") {
+        Ok(text) => text.parse().with_context(|| format!("BIND_ADDRESS {text:?} is not an IPv4 address"))?,
+        Err(_) => Ipv4Addr::LOCALHOST,
+    };
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from((address, port)))
         .await
-        .with_context(|| format!("listening on 127.0.0.1:{port}"))?;
-    println!("{name} listening on 127.0.0.1:{port}");
+        .with_context(|| format!("listening on {address}:{port}"))?;
+    println!("{name} listening on {address}:{port}");
     loop {
         let (stream, _) = listener.accept().await?;
         let name = name.clone();
@@ -94,6 +109,29 @@ async fn handle(name: Arc<str>, request: Request<Incoming>) -> Result<Response<R
             Err(error) => text_response(StatusCode::BAD_REQUEST, format!("{error}\n")),
         },
         (&Method::GET, "/ws") => websocket(request),
+        (&Method::GET, "/whereami") => {
+            let read =
+                |path: &str| std::fs::read_to_string(path).unwrap_or_else(|error| format!("unreadable: {error}"));
+            let addresses = local_addresses(&read("/proc/net/fib_trie"));
+            text_response(
+                StatusCode::OK,
+                whereami(&read("/proc/sys/kernel/random/boot_id"), &read("/proc/sys/kernel/osrelease"), &addresses),
+            )
+        }
+        (&Method::GET, "/connect") => match connect_target(request.uri().query()) {
+            Ok(target) => {
+                let result = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        Err("refused".to_owned())
+                    }
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err("timeout".to_owned()),
+                };
+                text_response(StatusCode::OK, connect_outcome(target, result))
+            }
+            Err(error) => text_response(StatusCode::BAD_REQUEST, format!("{error}\n")),
+        },
         _ => text_response(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     };
     Ok(response)
