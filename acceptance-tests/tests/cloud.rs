@@ -53,8 +53,8 @@ const HOST_B: &str = "b.cloud.example.test";
 /// The port A's workload listens on.
 const PORT: u16 = 8080;
 /// The port B's workload listens on. Not A's: the microVM driver reaches a guest through a
-/// forwarder on the host's `127.0.0.1:<port>`, so two guests with the same port on one host
-/// collide (a known limitation, in README's status; the proxy should connect to the guest).
+/// forwarder on the host's `127.0.0.1:<port>`, so the scheduler never puts two applications
+/// with one port on one host, and B must land next to A for the isolation step.
 const PORT_B: u16 = 8081;
 /// The idle timeout of the sleep steps (the model's minimum).
 const IDLE_SECONDS: u32 = 10;

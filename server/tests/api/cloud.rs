@@ -53,7 +53,15 @@ async fn host(served: &Served, operator: &Operator, name: &str, seed: u8) -> any
     Ok((enrolled, agent))
 }
 
-/// An application needing `vcpus` and `memory_mib`, with `volume_mib` of storage if not 0.
+/// The next port for a cloud application: a cloud host runs at most one application per port,
+/// so every test application gets its own.
+fn next_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(9000);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// An application needing `vcpus` and `memory_mib`, with `volume_mib` of storage if not 0, on a
+/// port of its own.
 async fn cloud_application(
     app: &TestApp,
     org: &Org,
@@ -64,6 +72,7 @@ async fn cloud_application(
 ) -> anyhow::Result<ApplicationId> {
     let mut spec = application(name, &[&format!("{name}.{}.example.com", org.name)]);
     spec["resources"] = json!({"vcpus": vcpus, "memory_mib": memory_mib});
+    spec["port"] = json!(next_port());
     if volume_mib > 0 {
         spec["storage"] = json!([{"name": "data", "size_mib": volume_mib, "mount_path": "/data"}]);
     }
@@ -243,14 +252,22 @@ pub async fn cloud_placements_spread_and_refuse_when_full(url: String) -> anyhow
     );
 
     // An application cannot outgrow its host; growing within it is fine.
-    let mut spec = application("big", &["big.tenant.example.com"]);
-    spec["resources"] = json!({"vcpus": 2, "memory_mib": 768});
     let path = format!("/v1/applications/{big}");
+    let mut spec = app.get(&path, &tenant.admin_key).await?.expect(200)?.body["spec"].clone();
+    spec["resources"] = json!({"vcpus": 2, "memory_mib": 768});
     let refused = app.put(&path, &tenant.admin_key, spec.clone()).await?;
     let refused = refused.expect_error(409, "conflict", Some("resources"))?;
     ensure!(refused.str("/error/message")?.contains("has 1 vCPU, 896 MiB memory"), "{}", refused.text);
     spec["resources"] = json!({"vcpus": 1, "memory_mib": 896});
-    app.put(&path, &tenant.admin_key, spec).await?.expect(200)?;
+    app.put(&path, &tenant.admin_key, spec.clone()).await?.expect(200)?;
+    // Nor take a port another application on its host listens on (`small` and `third` share
+    // the second host).
+    let key = &tenant.admin_key;
+    let mut third_spec = app.get(&format!("/v1/applications/{third}"), key).await?.expect(200)?.body["spec"].clone();
+    let small_spec = app.get(&format!("/v1/applications/{small}"), key).await?.expect(200)?.body["spec"].clone();
+    third_spec["port"] = small_spec["port"].clone();
+    let path = format!("/v1/applications/{third}");
+    app.put(&path, &tenant.admin_key, third_spec).await?.expect_error(409, "conflict", Some("port"))?;
 
     // The operator cannot stop being one while tenants run on its hosts.
     let path = format!("/v1/organizations/{}", ops.org.id);
