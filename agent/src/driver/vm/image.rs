@@ -54,7 +54,9 @@ pub enum ImageError {
     Tar(#[from] TarError),
 }
 
-/// The guest's `/init`. It runs as pid 1 with nothing but the initramfs.
+/// The guest's `/init`. It runs as pid 1 with nothing but the initramfs. The initramfs is
+/// already in memory and writable, so `/tmp` gets no tmpfs of its own: one would hide a
+/// workload that the host keeps under `/tmp` (its command is copied to the same path).
 const INIT: &str = r#"#!/.edgible/busybox sh
 /.edgible/busybox mkdir -p /proc /sys /dev /tmp /run /.edgible/bin
 /.edgible/busybox --install -s /.edgible/bin
@@ -62,7 +64,6 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/.edgib
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
 for word in $(cat /proc/cmdline); do
   case "$word" in
     edgible.addr=*) addr="${word#edgible.addr=}" ;;
