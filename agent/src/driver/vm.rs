@@ -174,7 +174,7 @@ struct Instance {
     stopping: Arc<AtomicBool>,
     suspended: Arc<AtomicBool>,
     _monitor: AbortOnDrop,
-    _forwarder: Option<AbortOnDrop>,
+    forwarder: Option<AbortOnDrop>,
 }
 
 /// What the driver persists beside a VM, so that an agent restart can restore it.
@@ -485,7 +485,7 @@ impl VmDriver {
             stopping,
             suspended,
             _monitor: AbortOnDrop::new(monitor),
-            _forwarder: forwarder,
+            forwarder,
         };
         if let Some(entry) = self.inner.apps().get_mut(&application_id) {
             entry.instance = Some(instance);
@@ -671,8 +671,14 @@ impl Driver for VmDriver {
 
     async fn release_all(&self) {
         // Dropping the entries aborts monitors, forwarders and tails; the VMs keep running,
-        // and their taps and firewall rules stay for the next agent.
-        self.inner.apps().clear();
+        // and their taps and firewall rules stay for the next agent. The forwarders are waited
+        // for, so their loopback ports are free for the next agent when this returns.
+        let entries: Vec<AppEntry> = self.inner.apps().drain().map(|(_, entry)| entry).collect();
+        for entry in entries {
+            if let Some(forwarder) = entry.instance.and_then(|instance| instance.forwarder) {
+                forwarder.abort_and_wait().await;
+            }
+        }
     }
 
     fn status(&self, application_id: ApplicationId) -> WorkloadStatus {
