@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use ids::{
     ApiKeyId, ApplicationId, ApplicationKeyId, DeviceId, DevicePoolId, DomainId, EdgeId, EventId, MemberId,
-    OrganizationId, PlacementId, UserId,
+    MigrationId, OrganizationId, PlacementId, UserId,
 };
 pub use validation::{
     AbsolutePath, EdgeEndpoint, EnvName, Hostname, HttpPath, LabelKey, Name, Region, TunnelCidr, ValidationError,
@@ -1108,6 +1108,111 @@ pub struct Placement {
     /// host the scheduler chose for a `cloud` one. Written by the platform only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<DeviceId>,
+    /// The migration moving the application right now, if one is. While it runs, `spec`
+    /// already names the destination and `host` still names the device serving traffic; a
+    /// failed migration puts `spec` back to where the application stayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<MigrationId>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Migrations (DESIGN.md section 9)
+
+/// The body of `POST /v1/applications/{id}/migrations`: where the application should run.
+/// `to.application_id` must be the application of the path. Changing a placement's device or
+/// strategy with `PUT /v1/placements/{id}` starts the same migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MigrationRequest {
+    pub to: PlacementSpec,
+}
+
+/// The steps of a migration, in order, then its two ends. A stateless application (no
+/// volumes) skips `quiesce`, `snapshot` and `ship`: its target starts first and traffic moves
+/// with no downtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// The target checks it can run the application (driver, image, disk).
+    Preflight,
+    /// The source refuses new requests, drains in-flight ones and stops the workload.
+    Quiesce,
+    /// The source archives its movable volumes into checksummed chunks.
+    Snapshot,
+    /// The source uploads the chunks to the server's blob store.
+    Ship,
+    /// The target downloads and verifies the chunks, unpacks them, starts the workload and
+    /// passes its health check.
+    Restore,
+    /// The edges route to the target; the source drains and lets go of the application.
+    Cutover,
+    /// Done: the application runs on the target. The source deletes its copy after the
+    /// retention period.
+    Completed,
+    /// Something failed before cutover: the target was cleaned up and the source resumed.
+    Failed,
+}
+
+impl MigrationPhase {
+    /// Whether the migration has ended, one way or the other.
+    pub fn is_final(self) -> bool {
+        matches!(self, MigrationPhase::Completed | MigrationPhase::Failed)
+    }
+}
+
+/// When a migration entered one of its phases and, once it moved on, when it left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct MigrationPhaseRecord {
+    pub phase: MigrationPhase,
+    pub started_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One move of one application, as `GET /v1/migrations/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Migration {
+    pub id: MigrationId,
+    pub organization_id: OrganizationId,
+    pub application_id: ApplicationId,
+    pub placement_id: PlacementId,
+    /// The device the application ran on when the migration started.
+    pub source: DeviceId,
+    /// The device it moves to (for a `cloud` destination, the host the scheduler chose).
+    pub target: DeviceId,
+    /// The placement the migration was asked for.
+    pub to: PlacementSpec,
+    /// Whether the application has volumes, and so goes through quiesce, snapshot and ship.
+    pub stateful: bool,
+    pub phase: MigrationPhase,
+    /// Every phase entered so far, oldest first.
+    pub phases: Vec<MigrationPhaseRecord>,
+    /// Why it failed, naming the phase; set with `phase: failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// The phase it failed in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_phase: Option<MigrationPhase>,
+    /// Whether the source has confirmed it serves the application again after a failure
+    /// (false while the source is offline; it resumes as soon as it returns).
+    #[serde(default)]
+    pub rolled_back: bool,
+    /// Size of the snapshot archive, once made.
+    #[serde(default)]
+    pub bytes_total: u64,
+    /// How much of it has reached the blob store.
+    #[serde(default)]
+    pub bytes_shipped: u64,
+    /// For a stateful migration that completed: from the start of quiesce (the source stops
+    /// serving) to cutover (the edges route to the target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
 }
 
 // ---------------------------------------------------------------------------------------------

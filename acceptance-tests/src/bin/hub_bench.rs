@@ -347,7 +347,8 @@ impl SimulatedAgent {
                 | ServerMessage::Edges { .. }
                 | ServerMessage::Certificate { .. }
                 | ServerMessage::Access { .. }
-                | ServerMessage::UsageAck { .. } => {}
+                | ServerMessage::UsageAck { .. }
+                | ServerMessage::MigrationStep { .. } => {}
                 ServerMessage::Error { code, message } => bail!("the server sent an error: {code:?}: {message}"),
             }
         }

@@ -284,7 +284,8 @@ impl<L: Local + ?Sized> Session<'_, L> {
                         code => format!("{message} ({})", code.as_str()),
                     }));
                 }
-                ServerMessage::UsageAck { .. } => {}
+                // The server sends neither before its welcome.
+                ServerMessage::UsageAck { .. } | ServerMessage::MigrationStep { .. } => {}
                 ServerMessage::Ping { nonce } => {
                     // Before welcome, the writer is not running yet: answer directly.
                     send(self.config, tx, &AgentMessage::Pong { nonce }).await?;
@@ -363,6 +364,10 @@ impl<L: Local + ?Sized> Session<'_, L> {
                 }
                 ServerMessage::Welcome { .. } => {
                     tracing::warn!("the server sent a second welcome; ignored");
+                    Ok(())
+                }
+                ServerMessage::MigrationStep { migration_id, step_id, .. } => {
+                    tracing::warn!(%migration_id, step_id, "migration steps are not executed by this agent yet");
                     Ok(())
                 }
                 ServerMessage::UsageAck { seq } => {

@@ -171,6 +171,7 @@ mod tests {
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
             host: None,
+            migration_id: None,
             spec: PlacementSpec::Cloud {
                 application_id: ApplicationId::new(),
                 pool_id: None,
@@ -197,6 +198,7 @@ mod tests {
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
             host: Some(host),
+            migration_id: None,
             spec: spec.clone(),
         };
         let state = Managed::<PlacementModel>::state(&placement).unwrap();

@@ -59,3 +59,4 @@ id_type!(EdgeId, "edge");
 id_type!(EventId, "event");
 id_type!(DomainId, "domain");
 id_type!(ApplicationKeyId, "application key");
+id_type!(MigrationId, "migration");

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::access::AssertionKey;
 
-use crate::model::{Application, ApplicationId, DeviceId, EdgeId, HostCapacity, Hostname, Revision};
+use crate::model::{Application, ApplicationId, DeviceId, EdgeId, HostCapacity, Hostname, MigrationId, Name, Revision};
 
 /// What an agent sends the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +89,12 @@ pub enum AgentMessage {
         /// application's hostnames.
         csr_pem: String,
     },
+    /// How a migration step ended (see [`MigrationStep`]). Sent once per `step_id`, and sent
+    /// again if the server repeats a step that already ended.
+    MigrationStepResult { migration_id: MigrationId, step_id: u64, outcome: StepOutcome },
+    /// Progress of a long step (`snapshot`, `ship`, `restore`): bytes done of the archive's
+    /// total. At most a few per second.
+    MigrationProgress { migration_id: MigrationId, step_id: u64, bytes_done: u64, bytes_total: u64 },
     /// The agent could not handle a frame the server sent. Never answered with another
     /// `error`, so that two peers cannot bounce errors back and forth.
     Error {
@@ -149,6 +155,11 @@ pub enum ServerMessage {
     },
     /// Answer with a `pong` carrying the same nonce, or the server closes the session.
     Ping { nonce: u64 },
+    /// A step of a migration for this device to execute (DESIGN.md section 9). `step_id` is
+    /// unique per step: the server repeats a step with the same id after a reconnect and the
+    /// agent must not run it twice (it answers again when it has already ended). The step must
+    /// end by `deadline`, after which the server treats it as failed.
+    MigrationStep { migration_id: MigrationId, step_id: u64, deadline: DateTime<Utc>, step: MigrationStep },
     /// Every usage record with a `seq` up to this one is settled: stored, or refused for good
     /// (each refusal was named in an `error` frame). The agent drops them all. The `seq` itself
     /// is always one of a stored record, so a refused record alone is never acknowledged.
@@ -509,4 +520,92 @@ mod tests {
         }
         assert!(decode::<AgentMessage>(&frame).is_ok());
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Migrations
+
+/// What a device does for a migration. Sent to the source (`quiesce`, `snapshot`, `ship`,
+/// `drain`, `resume`, `release`) or the target (`preflight`, `restore`, `release`).
+///
+/// Archives move through the server's blob store over HTTP, authenticated with the device
+/// credential like the push session:
+/// - `GET  /v1/agent/migrations/{migration_id}/chunks` lists the chunks stored so far
+///   (`{"chunks": [ChunkDigest, ...]}`), so an upload resumes where it stopped;
+/// - `PUT  /v1/agent/migrations/{migration_id}/chunks/{index}` stores one chunk (the source
+///   only; at most [`MAX_CHUNK_BYTES`]; header `x-edgible-sha256` with the chunk's SHA-256,
+///   refused with 422 on mismatch);
+/// - `GET  /v1/agent/migrations/{migration_id}/chunks/{index}` fetches one (the target only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MigrationStep {
+    /// Target: can this device run the application? Checks the driver, the image, free disk
+    /// for the volumes. Changes nothing.
+    Preflight { application: Box<Application> },
+    /// Source: refuse new requests for the application (503 with `Retry-After`), wait up to
+    /// `drain_seconds` for requests in flight, then stop the workload and keep it stopped
+    /// (also across an agent restart) until `resume` or `release`.
+    Quiesce { application_id: ApplicationId, drain_seconds: u32 },
+    /// Source, quiesced: archive every movable volume (tar, zstd) into chunks of
+    /// [`CHUNK_BYTES`] kept on the device until `release`. Answers with the manifest.
+    Snapshot { application_id: ApplicationId },
+    /// Source: upload the snapshot's chunks that the blob store lacks, reporting progress.
+    Ship { application_id: ApplicationId, manifest: SnapshotManifest },
+    /// Target: download every chunk, check each one's and the whole archive's SHA-256
+    /// against the manifest (refusing any mismatch), and replace the application's volumes
+    /// with its contents. `manifest` is absent for a stateless application. The server then
+    /// adds the application to the target's desired state and waits for it to be healthy.
+    Restore { application: Box<Application>, manifest: Option<SnapshotManifest> },
+    /// Source, after cutover of a stateless application: end keep-alive connections
+    /// (`Connection: close`, HTTP/2 GOAWAY) and wait up to `drain_seconds` for requests in
+    /// flight. The server then removes the application from the source's desired state.
+    Drain { application_id: ApplicationId, drain_seconds: u32 },
+    /// Source, after a failure: serve the application again (undo `quiesce`).
+    Resume { application_id: ApplicationId },
+    /// Delete the application's volumes and snapshot on this device: on the target after a
+    /// failure, on the source once the retention period after cutover has passed. Refused
+    /// while the application is in this device's desired state.
+    Release { application_id: ApplicationId },
+}
+
+/// How a migration step ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum StepOutcome {
+    /// Done. `manifest` answers `snapshot`.
+    Done {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest: Option<SnapshotManifest>,
+    },
+    /// Failed, for this reason (shown to the user as the migration's failure).
+    Failed { reason: String },
+}
+
+/// The size of every chunk of a snapshot archive but the last.
+pub const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The largest chunk the blob store accepts.
+pub const MAX_CHUNK_BYTES: u64 = 16 * 1024 * 1024;
+
+/// A snapshot archive: the zstd-compressed tar of the movable volumes (one top-level
+/// directory per volume, named after it), cut into chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotManifest {
+    /// The volumes in the archive.
+    pub volumes: Vec<Name>,
+    /// The archive's size in bytes (the sum of the chunks').
+    pub total_bytes: u64,
+    /// Lowercase hex SHA-256 of the whole archive.
+    pub sha256: String,
+    /// In order of `index`, from 0.
+    pub chunks: Vec<ChunkDigest>,
+}
+
+/// One chunk of a snapshot archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkDigest {
+    pub index: u32,
+    pub bytes: u64,
+    /// Lowercase hex SHA-256 of the chunk.
+    pub sha256: String,
 }

@@ -48,6 +48,7 @@ pub(super) fn to_model(row: placement::Model) -> Result<Placement, StoreError> {
         created_at: row.created_at,
         updated_at: row.updated_at,
         host: row.device_id.map(DeviceId),
+        migration_id: None,
         spec,
     })
 }

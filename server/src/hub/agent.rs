@@ -553,6 +553,10 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                 self.on_certificate_request(application_id, &csr_pem).await?;
             }
             AgentMessage::Usage { records } => self.on_usage(&records).await?,
+            AgentMessage::MigrationStepResult { migration_id, step_id, .. }
+            | AgentMessage::MigrationProgress { migration_id, step_id, .. } => {
+                tracing::debug!(%migration_id, step_id, "no migration runs here yet; ignored");
+            }
             AgentMessage::Ack { revision } => {
                 if revision > self.offered.revision {
                     let message = format!(
@@ -768,6 +772,8 @@ fn message_type(message: &AgentMessage) -> &'static str {
         AgentMessage::Error { .. } => "error",
         AgentMessage::CertificateRequest { .. } => "certificate_request",
         AgentMessage::Usage { .. } => "usage",
+        AgentMessage::MigrationStepResult { .. } => "migration_step_result",
+        AgentMessage::MigrationProgress { .. } => "migration_progress",
     }
 }
 

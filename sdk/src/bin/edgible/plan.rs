@@ -475,6 +475,7 @@ applications:
             created_at: now,
             updated_at: now,
             host: spec.device_id(),
+            migration_id: None,
             spec,
         }
     }
