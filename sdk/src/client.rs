@@ -29,8 +29,8 @@ use crate::model::{
     ApplicationKeyId, ApplicationKeySpec, ApplicationLogs, ApplicationSpec, ApplicationStatus, Device, DeviceCreated,
     DeviceId, DevicePool, DevicePoolId, DevicePoolSpec, DeviceSpec, Domain, DomainId, DomainSpec, Edge, EdgeCreated,
     EdgeEnrollment, EdgeId, EdgeSpec, Enrollment, EnrollmentRequest, ErrorBody, Event, LogEntry, Member, MemberId,
-    MemberSpec, Organization, OrganizationCreated, OrganizationId, OrganizationSpec, Page, PasswordSpec, Placement,
-    PlacementId, PlacementSpec, Revision, ShortCode,
+    MemberSpec, Migration, MigrationId, MigrationRequest, Organization, OrganizationCreated, OrganizationId,
+    OrganizationSpec, Page, PasswordSpec, Placement, PlacementId, PlacementSpec, Revision, ShortCode,
 };
 
 /// What went wrong talking to the server, and whether the server said so.
@@ -507,6 +507,38 @@ impl Client {
         }))
     }
 
+    /// Starts moving the application to where `request.to` says (202). The server refuses
+    /// with 409, creating nothing, when another migration of the application runs, a volume
+    /// is not movable, or the target is offline, outside the organization or the source.
+    pub async fn create_migration(
+        &self,
+        application: &ApplicationId,
+        request: &MigrationRequest,
+    ) -> Result<Migration, ClientError> {
+        let path = format!("v1/applications/{application}/migrations");
+        self.send(Method::POST, &path, &[], Some(request), None).await
+    }
+
+    /// One migration, with its phase, its phase records and, once it failed, why.
+    pub async fn migration(&self, id: &MigrationId) -> Result<Migration, ClientError> {
+        self.send(Method::GET, &format!("v1/migrations/{id}"), &[], None::<&()>, None).await
+    }
+
+    /// Every migration of the application, newest first, following pages.
+    pub async fn application_migrations(&self, application: &ApplicationId) -> Result<Vec<Migration>, ClientError> {
+        let path = format!("v1/applications/{application}/migrations");
+        let mut options = ListOptions { limit: Some(1000), ..ListOptions::default() };
+        let mut all = Vec::new();
+        loop {
+            let page: Page<Migration> = self.send(Method::GET, &path, &options.query(), None::<&()>, None).await?;
+            all.extend(page.items);
+            match page.next_cursor {
+                Some(cursor) => options.cursor = Some(cursor),
+                None => return Ok(all),
+            }
+        }
+    }
+
     /// Lifecycle events, newest first.
     pub async fn events(&self, query: &EventQuery) -> Result<Page<Event>, ClientError> {
         let mut pairs = Vec::new();
@@ -750,5 +782,48 @@ mod tests {
         let client = Client::new(&endpoint, "edg_test").unwrap();
         assert_eq!(client.rotate_assertion_key().await.unwrap().kid, "k2");
         assert_eq!(server.await.unwrap().request_line, "POST /v1/assertion-keys/rotate HTTP/1.1");
+    }
+    #[tokio::test]
+    async fn migrations_are_started_and_read() {
+        let application = ApplicationId::new();
+        let migration = MigrationId::new();
+        let device = crate::model::DeviceId::new();
+        let to = serde_json::json!({"strategy": "serving-device", "application_id": application, "device_id": device});
+        let record = serde_json::json!({
+            "id": migration,
+            "organization_id": crate::model::OrganizationId::new(),
+            "application_id": application,
+            "placement_id": PlacementId::new(),
+            "source": crate::model::DeviceId::new(),
+            "target": device,
+            "to": to,
+            "stateful": true,
+            "phase": "preflight",
+            "phases": [{"phase": "preflight", "started_at": "2030-01-01T00:00:00Z"}],
+            "created_at": "2030-01-01T00:00:00Z",
+            "updated_at": "2030-01-01T00:00:00Z",
+        });
+        let (endpoint, server) = one_request("202 Accepted", record.to_string()).await;
+        let client = Client::new(&endpoint, "edg_test").unwrap();
+        let request: MigrationRequest = serde_json::from_value(serde_json::json!({"to": to})).unwrap();
+        let answer = client.create_migration(&application, &request).await.unwrap();
+        assert_eq!((answer.id, answer.phase), (migration, crate::model::MigrationPhase::Preflight));
+        let seen = server.await.unwrap();
+        assert_eq!(seen.request_line, format!("POST /v1/applications/{application}/migrations HTTP/1.1"));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&seen.body).unwrap(), serde_json::json!({"to": to}));
+
+        let (endpoint, server) = one_request("200 OK", record.to_string()).await;
+        let client = Client::new(&endpoint, "edg_test").unwrap();
+        assert_eq!(client.migration(&migration).await.unwrap().target, device);
+        assert_eq!(server.await.unwrap().request_line, format!("GET /v1/migrations/{migration} HTTP/1.1"));
+
+        let page = serde_json::json!({"items": [record]});
+        let (endpoint, server) = one_request("200 OK", page.to_string()).await;
+        let client = Client::new(&endpoint, "edg_test").unwrap();
+        assert_eq!(client.application_migrations(&application).await.unwrap().len(), 1);
+        assert_eq!(
+            server.await.unwrap().request_line,
+            format!("GET /v1/applications/{application}/migrations?limit=1000 HTTP/1.1")
+        );
     }
 }

@@ -1128,6 +1128,12 @@ pub struct MigrationRequest {
     pub to: PlacementSpec,
 }
 
+impl Validate for MigrationRequest {
+    fn validate(&self) -> Result<(), ValidationError> {
+        self.to.validate().map_err(|e| e.within("to"))
+    }
+}
+
 /// The steps of a migration, in order, then its two ends. A stateless application (no
 /// volumes) skips `quiesce`, `snapshot` and `ship`: its target starts first and traffic moves
 /// with no downtime.

@@ -14,6 +14,7 @@ mod edges;
 pub mod error;
 pub mod extract;
 mod members;
+mod migrations;
 mod organizations;
 mod placements;
 mod reports;
@@ -87,6 +88,15 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/applications/{id}/short-code", get(access::short_code))
         .route("/v1/applications/{id}/short-code/rotate", post(access::rotate_short_code))
         .route("/v1/assertion-keys/rotate", post(access::rotate_assertion_key))
+        .route("/v1/applications/{id}/migrations", get(migrations::list).post(migrations::create))
+        .route("/v1/migrations/{id}", get(migrations::get))
+        .route("/v1/agent/migrations/{id}/chunks", get(migrations::list_chunks))
+        .route(
+            "/v1/agent/migrations/{id}/chunks/{index}",
+            get(migrations::get_chunk)
+                .put(migrations::put_chunk)
+                .layer(DefaultBodyLimit::max(migrations::CHUNK_BODY_LIMIT)),
+        )
         .route("/login", get(crate::access::pages::login_page).post(crate::access::pages::login_submit))
         .route("/logout", get(crate::access::pages::logout))
         .fallback(not_found)
@@ -171,6 +181,8 @@ fn tagged<T: Serialize>(status: StatusCode, revision: Revision, value: T) -> Res
         domains::list, domains::create, domains::get, domains::verify, domains::delete,
         access::set_password, access::list_keys, access::create_key, access::get_key, access::delete_key,
         access::short_code, access::rotate_short_code, access::rotate_assertion_key,
+        migrations::create, migrations::get, migrations::list,
+        migrations::list_chunks, migrations::put_chunk, migrations::get_chunk,
     ),
     components(schemas(edgible::model::ErrorBody, edgible::model::ErrorDetail)),
     modifiers(&BearerAuth),
@@ -189,6 +201,7 @@ fn tagged<T: Serialize>(status: StatusCode, revision: Revision, value: T) -> Res
         (name = "usage", description = "Metered usage per application and hour, as agents reported it"),
         (name = "agents", description = "Enrollment and the push session of device agents"),
         (name = "domains", description = "Domains an organization proves it owns, for application hostnames"),
+        (name = "migrations", description = "Moving an application, with its volumes, to another device"),
     )
 )]
 pub struct ApiDoc;

@@ -179,6 +179,27 @@ pub struct ServeConfig {
     /// without volumes) are rescheduled onto other cloud hosts.
     #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub cloud_reschedule_after: u64,
+
+    /// Seconds each step of a migration may take (and the restored application to report
+    /// running on the target) before the migration fails and rolls back.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub migration_step_timeout: u64,
+
+    /// Seconds a migrated application's source keeps its copy (volumes, snapshot) after the
+    /// migration completed, before it is told to delete it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    pub migration_retention: u64,
+
+    /// Seconds a migration's source waits for requests in flight when it stops serving
+    /// (quiesce) or hands over (drain).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=3600))]
+    pub migration_drain_seconds: u32,
+
+    /// The directory of the blob store that migration snapshots pass through (created if
+    /// missing). Default: `blobs/` beside a SQLite database file, or `edgible-blobs/` in the
+    /// system's temporary directory with PostgreSQL.
+    #[arg(long, value_name = "DIR")]
+    pub blob_dir: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -212,6 +233,34 @@ impl ServeConfig {
     /// How long a cloud host may stay offline before its applications are moved.
     pub fn cloud_reschedule_after(&self) -> Duration {
         Duration::from_secs(self.cloud_reschedule_after)
+    }
+
+    /// Where the migration blob store lives: `--blob-dir`, or its default.
+    pub fn blob_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.blob_dir {
+            return dir.clone();
+        }
+        let sqlite_file = self
+            .database_url
+            .strip_prefix("sqlite://")
+            .or_else(|| self.database_url.strip_prefix("sqlite:"))
+            .map(|rest| rest.split('?').next().unwrap_or(rest))
+            .filter(|path| !path.is_empty() && !path.starts_with(":memory:"));
+        match sqlite_file.map(std::path::Path::new).and_then(std::path::Path::parent) {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.join("blobs"),
+            Some(_) => PathBuf::from("blobs"),
+            None => std::env::temp_dir().join("edgible-blobs"),
+        }
+    }
+
+    /// How migrations are timed, and their blob store.
+    pub fn migration_settings(&self) -> Result<crate::migrations::driver::MigrationSettings, crate::blobs::BlobError> {
+        Ok(crate::migrations::driver::MigrationSettings {
+            step_timeout: Duration::from_secs(self.migration_step_timeout),
+            drain_seconds: self.migration_drain_seconds,
+            retention: Duration::from_secs(self.migration_retention),
+            blobs: crate::blobs::BlobStore::local(&self.blob_dir())?,
+        })
     }
 
     /// The timing of agent sessions.
@@ -412,5 +461,37 @@ mod tests {
         assert_eq!(serve(&[]).expect("the default"), Duration::from_secs(300));
         assert_eq!(serve(&["--cloud-reschedule-after", "5"]).expect("five seconds"), Duration::from_secs(5));
         assert!(serve(&["--cloud-reschedule-after", "0"]).is_err(), "never would strand applications");
+    }
+
+    #[test]
+    fn migrations_have_documented_defaults_and_a_blob_dir_beside_the_database() {
+        let serve = |args: &[&str]| match parse(args).expect("valid command line").command {
+            Command::Serve(serve) => serve,
+            Command::Bootstrap(_) => panic!("expected serve"),
+        };
+        let defaults = serve(&["serve", "--database", "sqlite:///var/lib/edgible/edgible.db?mode=rwc"]);
+        assert_eq!(
+            (defaults.migration_step_timeout, defaults.migration_retention, defaults.migration_drain_seconds),
+            (300, 86_400, 10)
+        );
+        assert_eq!(defaults.blob_dir(), PathBuf::from("/var/lib/edgible/blobs"));
+        let postgres = serve(&["serve", "--database", "postgres://u:p@db/edgible"]);
+        assert_eq!(postgres.blob_dir(), std::env::temp_dir().join("edgible-blobs"));
+        let set = serve(&[
+            "serve",
+            "--database",
+            "postgres://u:p@db/edgible",
+            "--blob-dir",
+            "/srv/blobs",
+            "--migration-step-timeout",
+            "5",
+            "--migration-retention",
+            "0",
+            "--migration-drain-seconds",
+            "1",
+        ]);
+        assert_eq!(set.blob_dir(), PathBuf::from("/srv/blobs"));
+        assert_eq!((set.migration_step_timeout, set.migration_retention, set.migration_drain_seconds), (5, 0, 1));
+        assert!(parse(&["serve", "--database", "sqlite://x", "--migration-step-timeout", "0"]).is_err());
     }
 }

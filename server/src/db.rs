@@ -23,6 +23,7 @@ mod edges;
 mod entities;
 mod members;
 mod migration;
+mod migrations;
 mod organizations;
 mod placements;
 mod scoped;

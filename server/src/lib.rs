@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod api;
+pub mod blobs;
 pub mod bootstrap;
 pub mod certs;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod edge_config;
 pub mod hub;
 pub mod logs;
 pub mod metrics;
+pub mod migrations;
 pub mod rescheduler;
 pub mod scheduler;
 pub mod secrets;
@@ -64,6 +66,13 @@ impl AppState {
             }
         }));
         let ca = Arc::new(SharedCa::default());
+        let outbox = Arc::new(hub::agent::Outbox::default());
+        let migrations = Arc::new(migrations::driver::Migrations::new(
+            db.clone(),
+            Arc::clone(&hub),
+            Arc::clone(&outbox),
+            migrations::driver::MigrationSettings::default(),
+        ));
         let agents = Agents {
             db: db.clone(),
             hub,
@@ -72,8 +81,9 @@ impl AppState {
             config: config.clone(),
             ca,
             acme: Arc::default(),
-            outbox: Arc::default(),
+            outbox,
             access: Arc::default(),
+            migrations,
         };
         let edges = Edges { db: db.clone(), hub: edge_hub, config, board: Arc::default() };
         Self { db, metrics, agents, edges, domains: Arc::default(), login_limiter: Arc::default() }
@@ -84,6 +94,23 @@ impl AppState {
     pub fn with_access_settings(mut self, settings: access::AccessSettings) -> Self {
         self.agents.access = Arc::new(settings);
         self
+    }
+
+    /// This state with migrations timed, and their chunks stored, as `settings` say (the
+    /// default keeps chunks in memory). Call before serving sessions.
+    pub fn with_migration_settings(mut self, settings: migrations::driver::MigrationSettings) -> Self {
+        self.agents.migrations = Arc::new(migrations::driver::Migrations::new(
+            self.db.clone(),
+            Arc::clone(&self.agents.hub),
+            Arc::clone(&self.agents.outbox),
+            settings,
+        ));
+        self
+    }
+
+    /// The migration driver.
+    pub fn migrations(&self) -> &Arc<migrations::driver::Migrations> {
+        &self.agents.migrations
     }
 
     /// How access policies are configured.

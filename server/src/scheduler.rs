@@ -7,13 +7,11 @@
 //! capacity (declared minus what is placed there) covers the requirement in vCPUs, memory and
 //! disk; among those that fit, the one with the most free memory wins, then the most free
 //! vCPUs, then the most free disk (so applications spread across hosts), and the lowest device
-//! id breaks the remaining ties, so the same inputs always give the same host. A host that
-//! already runs an application on the same port is not a candidate: its guests are reached
-//! through the host's `127.0.0.1:<port>`, so two applications with one port on one host would
-//! collide, and one tenant's hostname could reach another tenant's guest.
+//! id breaks the remaining ties, so the same inputs always give the same host. Ports are not a
+//! host resource: the agent reaches each guest at the guest's own address, so any number of
+//! applications on one host may listen on the same port.
 
 use std::cmp::Reverse;
-use std::collections::BTreeSet;
 use std::fmt;
 
 use edgible::model::{DeviceId, HostCapacity};
@@ -27,8 +25,6 @@ pub struct Candidate {
     pub capacity: HostCapacity,
     /// The sum of what the applications already placed on it require.
     pub used: HostCapacity,
-    /// The ports of the applications already placed on it.
-    pub ports: BTreeSet<u16>,
 }
 
 impl Candidate {
@@ -50,8 +46,6 @@ pub enum NoFit {
     NoHosts,
     #[error("none of the {offline} cloud host(s) is online")]
     AllOffline { offline: usize },
-    #[error("every online cloud host already runs an application on port {port}")]
-    PortTaken { port: u16 },
     #[error(
         "no online cloud host has {} free; the one with the most free capacity ({}) has {} free",
         describe(*needed),
@@ -87,18 +81,14 @@ fn preference(candidate: &Candidate) -> (Reverse<u64>, Reverse<u32>, Reverse<u64
     (Reverse(free.memory_mib), Reverse(free.vcpus), Reverse(free.disk_mib), candidate.device_id)
 }
 
-/// Picks the host for an application that requires `needed` and listens on `port`.
-pub fn schedule(candidates: &[Candidate], needed: HostCapacity, port: u16) -> Result<DeviceId, NoFit> {
+/// Picks the host for an application that requires `needed`.
+pub fn schedule(candidates: &[Candidate], needed: HostCapacity) -> Result<DeviceId, NoFit> {
     if candidates.is_empty() {
         return Err(NoFit::NoHosts);
     }
     let mut online: Vec<&Candidate> = candidates.iter().filter(|candidate| candidate.online).collect();
     if online.is_empty() {
         return Err(NoFit::AllOffline { offline: candidates.len() });
-    }
-    online.retain(|candidate| !candidate.ports.contains(&port));
-    if online.is_empty() {
-        return Err(NoFit::PortTaken { port });
     }
     online.sort_by_key(|candidate| preference(candidate));
     if let Some(chosen) = online.iter().find(|candidate| covers(candidate.free(), needed)) {
@@ -118,13 +108,7 @@ mod tests {
     }
 
     fn host(id: u128, capacity: HostCapacity, used: HostCapacity) -> Candidate {
-        Candidate {
-            device_id: DeviceId(uuid::Uuid::from_u128(id)),
-            online: true,
-            capacity,
-            used,
-            ports: BTreeSet::new(),
-        }
+        Candidate { device_id: DeviceId(uuid::Uuid::from_u128(id)), online: true, capacity, used }
     }
 
     fn id(id: u128) -> DeviceId {
@@ -132,20 +116,10 @@ mod tests {
     }
 
     #[test]
-    fn a_host_already_serving_the_port_is_skipped() {
-        let mut busy = host(1, capacity(8, 8192, 0), capacity(0, 0, 0));
-        busy.ports.insert(8080);
-        let free = host(2, capacity(2, 1024, 0), capacity(1, 512, 0));
-        assert_eq!(schedule(&[busy.clone(), free], capacity(1, 256, 0), 8080), Ok(id(2)));
-        assert_eq!(schedule(&[busy.clone()], capacity(1, 256, 0), 8081), Ok(id(1)), "another port fits");
-        assert_eq!(schedule(&[busy], capacity(1, 256, 0), 8080), Err(NoFit::PortTaken { port: 8080 }));
-    }
-
-    #[test]
     fn a_host_that_fits_is_chosen() {
         let hosts = [host(1, capacity(2, 1024, 1000), capacity(0, 0, 0))];
-        assert_eq!(schedule(&hosts, capacity(1, 256, 0), 8080), Ok(id(1)));
-        assert_eq!(schedule(&hosts, capacity(2, 1024, 1000), 8080), Ok(id(1)), "an exact fit fits");
+        assert_eq!(schedule(&hosts, capacity(1, 256, 0)), Ok(id(1)));
+        assert_eq!(schedule(&hosts, capacity(2, 1024, 1000)), Ok(id(1)), "an exact fit fits");
     }
 
     #[test]
@@ -154,17 +128,17 @@ mod tests {
             host(1, capacity(4, 4096, 1000), capacity(1, 3000, 0)),
             host(2, capacity(4, 4096, 1000), capacity(1, 256, 0)),
         ];
-        assert_eq!(schedule(&hosts, capacity(1, 256, 0), 8080), Ok(id(2)));
+        assert_eq!(schedule(&hosts, capacity(1, 256, 0)), Ok(id(2)));
         // Placing one more on the emptier host makes the other the emptier one.
         let hosts =
             [host(1, capacity(2, 1024, 0), capacity(1, 256, 0)), host(2, capacity(2, 1024, 0), capacity(0, 0, 0))];
-        assert_eq!(schedule(&hosts, capacity(1, 256, 0), 8080), Ok(id(2)));
+        assert_eq!(schedule(&hosts, capacity(1, 256, 0)), Ok(id(2)));
         let hosts = [
             host(1, capacity(2, 1024, 0), capacity(1, 256, 0)),
             host(2, capacity(2, 1024, 0), capacity(1, 256, 0)),
             host(3, capacity(2, 1024, 0), capacity(0, 0, 0)),
         ];
-        assert_eq!(schedule(&hosts, capacity(1, 256, 0), 8080), Ok(id(3)));
+        assert_eq!(schedule(&hosts, capacity(1, 256, 0)), Ok(id(3)));
     }
 
     #[test]
@@ -172,19 +146,19 @@ mod tests {
         // Host 1 has more free memory but no free disk; the application needs disk.
         let hosts =
             [host(1, capacity(4, 8192, 100), capacity(0, 0, 100)), host(2, capacity(4, 2048, 1000), capacity(0, 0, 0))];
-        assert_eq!(schedule(&hosts, capacity(1, 256, 500), 8080), Ok(id(2)));
+        assert_eq!(schedule(&hosts, capacity(1, 256, 500)), Ok(id(2)));
     }
 
     #[test]
     fn no_capacity_names_the_need_and_the_best_host() {
         let hosts =
             [host(1, capacity(2, 1024, 0), capacity(2, 512, 0)), host(2, capacity(2, 1024, 0), capacity(1, 768, 0))];
-        let error = schedule(&hosts, capacity(1, 600, 0), 8080).expect_err("nothing has 600 MiB free");
+        let error = schedule(&hosts, capacity(1, 600, 0)).expect_err("nothing has 600 MiB free");
         assert_eq!(error, NoFit::TooSmall { needed: capacity(1, 600, 0), best: (id(1), capacity(0, 512, 0)) });
         let message = error.to_string();
         assert!(message.contains("1 vCPU, 600 MiB memory, 0 MiB disk free"), "{message}");
         assert!(message.contains(&format!("({}) has 0 vCPU, 512 MiB memory, 0 MiB disk free", id(1))), "{message}");
-        assert_eq!(schedule(&[], capacity(1, 256, 0), 8080), Err(NoFit::NoHosts));
+        assert_eq!(schedule(&[], capacity(1, 256, 0)), Err(NoFit::NoHosts));
     }
 
     #[test]
@@ -192,8 +166,8 @@ mod tests {
         let mut offline = host(1, capacity(8, 8192, 1000), capacity(0, 0, 0));
         offline.online = false;
         let online = host(2, capacity(1, 512, 0), capacity(0, 0, 0));
-        assert_eq!(schedule(&[offline.clone(), online], capacity(1, 256, 0), 8080), Ok(id(2)));
-        assert_eq!(schedule(&[offline], capacity(1, 256, 0), 8080), Err(NoFit::AllOffline { offline: 1 }));
+        assert_eq!(schedule(&[offline.clone(), online], capacity(1, 256, 0)), Ok(id(2)));
+        assert_eq!(schedule(&[offline], capacity(1, 256, 0)), Err(NoFit::AllOffline { offline: 1 }));
     }
 
     #[test]
@@ -201,8 +175,8 @@ mod tests {
         let a = host(7, capacity(2, 1024, 0), capacity(0, 0, 0));
         let b = host(3, capacity(2, 1024, 0), capacity(0, 0, 0));
         let c = host(5, capacity(2, 1024, 0), capacity(0, 0, 0));
-        assert_eq!(schedule(&[a.clone(), b.clone(), c.clone()], capacity(1, 256, 0), 8080), Ok(id(3)));
-        assert_eq!(schedule(&[c, a, b], capacity(1, 256, 0), 8080), Ok(id(3)));
+        assert_eq!(schedule(&[a.clone(), b.clone(), c.clone()], capacity(1, 256, 0)), Ok(id(3)));
+        assert_eq!(schedule(&[c, a, b], capacity(1, 256, 0)), Ok(id(3)));
     }
 
     #[test]

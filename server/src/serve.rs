@@ -25,6 +25,8 @@ pub enum ServeError {
     Acme(#[from] crate::certs::acme::AcmeError),
     #[error(transparent)]
     ServerKey(#[from] crate::certs::sealed::SealError),
+    #[error(transparent)]
+    Blobs(#[from] crate::blobs::BlobError),
     #[error("access policies: {0}")]
     Access(#[from] crate::access::AccessError),
     #[error("cannot listen on {address}: {source}")]
@@ -56,8 +58,9 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     if stale > 0 {
         tracing::info!(devices_and_edges = stale, "marked devices and edges of a previous run offline");
     }
-    let state =
-        AppState::with_session_config(db, config.session_config()).with_domain_settings(config.domain_settings());
+    let state = AppState::with_session_config(db, config.session_config())
+        .with_domain_settings(config.domain_settings())
+        .with_migration_settings(config.migration_settings()?);
     // The first start on a database generates the internal CA; later starts load it.
     state.certificate_authority().await?;
     if config.issuer == crate::config::Issuer::Acme {
@@ -83,6 +86,8 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     let (stop, stopped) = watch::channel(false);
     let rescheduler =
         tokio::spawn(crate::rescheduler::run(state.db().clone(), config.cloud_reschedule_after(), stop.subscribe()));
+    // Migrations of a previous run go on where they stood (or fail, if a deadline passed).
+    let migrations = tokio::spawn(std::sync::Arc::clone(state.migrations()).run(stop.subscribe()));
     let acme_state = state.clone();
     // Connection info gives the login pages the client's address to rate-limit by.
     let service = router(state).into_make_service_with_connect_info::<SocketAddr>();
@@ -99,8 +104,9 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     tracing::info!(deadline = ?config.drain_deadline(), "shutting down; draining open requests");
     acme_state.stop_acme();
     let _ = stop.send(true);
-    // It stops at the signal; nothing of it needs draining.
+    // They stop at the signal; nothing of them needs draining.
     let _ = rescheduler.await;
+    let _ = migrations.await;
     match tokio::time::timeout(config.drain_deadline(), &mut server).await {
         Ok(joined) => finished(joined),
         Err(_) => {

@@ -105,7 +105,7 @@ pub async fn connect(State(state): State<AppState>, request: axum::extract::Requ
 }
 
 /// The device whose credential the request carries.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<edgible::model::Device, ApiError> {
+pub(super) async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<edgible::model::Device, ApiError> {
     let secret = bearer_secret(headers, "a device credential")?;
     state
         .db

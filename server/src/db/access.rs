@@ -136,6 +136,7 @@ async fn touch_placed_device(write: &Write, application_id: ApplicationId) -> Re
     if let Some(device) = super::placements::placed_device(&write.txn, application_id).await? {
         write.touch(&[device]);
     }
+    write.touch(&super::migrations::extra_devices(&write.txn, application_id).await?);
     Ok(())
 }
 
@@ -605,13 +606,14 @@ impl Db {
         if device::Entity::find_by_id(device_id.0).one(&self.conn).await?.is_none() {
             return Ok(Vec::new());
         }
-        let placed: Vec<uuid::Uuid> = placement::Entity::find()
+        let mut placed: Vec<uuid::Uuid> = placement::Entity::find()
             .select_only()
             .column(placement::Column::ApplicationId)
             .filter(placement::Column::DeviceId.eq(device_id.0))
             .into_tuple()
             .all(&self.conn)
             .await?;
+        placed.extend(super::migrations::extra_placed(&self.conn, device_id).await?);
         if placed.is_empty() {
             return Ok(Vec::new());
         }

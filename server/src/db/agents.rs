@@ -176,13 +176,16 @@ impl Db {
             txn.commit().await?;
             return Ok(None);
         };
-        let placed: Vec<Uuid> = placement::Entity::find()
+        let mut placed: Vec<Uuid> = placement::Entity::find()
             .select_only()
             .column(placement::Column::ApplicationId)
             .filter(placement::Column::DeviceId.eq(device_id.0))
             .into_tuple()
             .all(&txn)
             .await?;
+        // A migration's target runs the application from its restore on, a draining source
+        // until the drain ends (`db::migrations`).
+        placed.extend(super::migrations::extra_placed(&txn, device_id).await?);
         let rows = if placed.is_empty() {
             Vec::new()
         } else {

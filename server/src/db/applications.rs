@@ -219,6 +219,7 @@ impl Db {
             if let Some(device) = super::placements::placed_device(&write.txn, id).await? {
                 write.change_desired(&[device]).await?;
             }
+            write.change_desired(&super::migrations::extra_devices(&write.txn, id).await?).await?;
             to_model(updated)
         }
         .await;
@@ -234,6 +235,7 @@ impl Db {
         let write = self.begin_write().await?;
         let result = async {
             APPLICATIONS.row(&write.txn, organization_id.0, id.0).await?;
+            super::migrations::delete_of_application(&write, id).await?;
             if let Some(device) = super::placements::placed_device(&write.txn, id).await? {
                 write.change_desired(&[device]).await?;
             }

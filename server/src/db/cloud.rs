@@ -9,7 +9,7 @@
 //! transaction that stores the placement, which the revision counter serializes: two
 //! placements can never both take the last free capacity of a host.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use edgible::model::{
@@ -152,14 +152,11 @@ async fn candidates(
         .all(conn)
         .await?;
     let mut used: BTreeMap<Uuid, HostCapacity> = BTreeMap::new();
-    let mut ports: BTreeMap<Uuid, BTreeSet<u16>> = BTreeMap::new();
     for row in applications {
         let Some(host) = placed.iter().find(|(id, _)| *id == row.id).and_then(|(_, host)| *host) else {
             continue;
         };
-        let spec = super::applications::to_model(row)?.spec;
-        ports.entry(host).or_default().insert(spec.port);
-        let needed = HostCapacity::required_by(&spec);
+        let needed = HostCapacity::required_by(&super::applications::to_model(row)?.spec);
         let total = used.entry(host).or_insert(HostCapacity { vcpus: 0, memory_mib: 0, disk_mib: 0 });
         total.vcpus = total.vcpus.saturating_add(needed.vcpus);
         total.memory_mib = total.memory_mib.saturating_add(needed.memory_mib);
@@ -175,7 +172,6 @@ async fn candidates(
             online: host.state == online,
             capacity,
             used: used.get(&host.id).copied().unwrap_or(HostCapacity { vcpus: 0, memory_mib: 0, disk_mib: 0 }),
-            ports: ports.remove(&host.id).unwrap_or_default(),
         });
     }
     Ok(candidates)
@@ -194,7 +190,7 @@ pub(super) async fn choose_host(
     let pools = cloud_pools(conn, *pool_id, region.as_ref()).await?;
     let candidates = candidates(conn, pools, *application_id).await?;
     let needed = HostCapacity::required_by(application);
-    schedule(&candidates, needed, application.port).map_err(|error| {
+    schedule(&candidates, needed).map_err(|error| {
         let field = if pool_id.is_some() { "pool_id" } else { "region" };
         let place = match (pool_id, region) {
             (Some(pool_id), _) => format!("cloud pool {pool_id}"),
@@ -213,9 +209,9 @@ pub(super) async fn choose_host(
 }
 
 /// Refuses a change of an application that would no longer fit on the cloud host it is placed
-/// on (it needs more than before and the host has not that much free, or it moves to a port
-/// another application on the host listens on). Run inside the
-/// application's write, like scheduling.
+/// on (it needs more than before and the host has not that much free). Run inside the
+/// application's write, like scheduling. Ports are no host resource: the agent reaches each
+/// guest at its own address, so applications on one host may listen on the same port.
 pub(super) async fn check_host_still_fits(
     conn: &impl ConnectionTrait,
     application_id: ApplicationId,
@@ -223,7 +219,7 @@ pub(super) async fn check_host_still_fits(
     after: &ApplicationSpec,
 ) -> Result<(), StoreError> {
     let needed = HostCapacity::required_by(after);
-    if needed == HostCapacity::required_by(before) && after.port == before.port {
+    if needed == HostCapacity::required_by(before) {
         return Ok(());
     }
     let Some(placement) = placement::Entity::find()
@@ -244,16 +240,6 @@ pub(super) async fn check_host_still_fits(
     let Some(candidate) = candidates.iter().find(|candidate| candidate.device_id.0 == host) else {
         return Ok(());
     };
-    if candidate.ports.contains(&after.port) {
-        return Err(StoreError::conflict(
-            "port",
-            format!(
-                "another application on its cloud host {host} already listens on port {}; choose another port or \
-                 place it elsewhere first",
-                after.port
-            ),
-        ));
-    }
     if !crate::scheduler::covers(candidate.free(), needed) {
         return Err(StoreError::conflict(
             "resources",
@@ -323,6 +309,9 @@ impl Db {
             let placements = placement::Entity::find()
                 .filter(placement::Column::DeviceId.eq(host.id))
                 .filter(placement::Column::Strategy.eq(super::placements::CLOUD))
+                // A migration moving the application decides where it goes (and rolls back
+                // if its source stays away).
+                .filter(placement::Column::MigrationId.is_null())
                 .order_by_asc(placement::Column::ApplicationId)
                 .all(&self.conn)
                 .await?;

@@ -254,6 +254,11 @@ pub mod placement {
         pub revision: i64,
         pub created_at: ChronoDateTimeUtc,
         pub updated_at: ChronoDateTimeUtc,
+        /// The migration moving the application (`db::migrations`), while one runs.
+        pub migration_id: Option<Uuid>,
+        /// The spec that migration moves the application to (JSON), shown as the spec while
+        /// it runs; the columns above keep describing where the application runs.
+        pub migration_to: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -20,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(Access),
             Box::new(CloudHosts),
             Box::new(Usage),
+            Box::new(Migrations),
         ]
     }
 }
@@ -646,6 +647,53 @@ impl MigrationTrait for Usage {
                     .to_owned(),
             )
             .await?;
+        Ok(())
+    }
+}
+
+/// Migrations (issue 10): one row per migration, its whole state machine as JSON (`state`,
+/// see `crate::migrations`) beside the columns it is looked up by; and on each placement the
+/// migration moving it, with the spec it moves to. No foreign keys: `db::migrations` deletes
+/// an application's migrations with it.
+struct Migrations;
+
+impl MigrationName for Migrations {
+    fn name(&self) -> &str {
+        "m0009_migrations"
+    }
+}
+
+// See `Initial` for why the lifetime is elided.
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for Migrations {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(name("migrations"))
+                    .col(ColumnDef::new(name("id")).uuid().not_null().primary_key())
+                    .col(ColumnDef::new(name("organization_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("application_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("source_device_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("target_device_id")).uuid().not_null())
+                    .col(ColumnDef::new(name("extra_device_id")).uuid().null())
+                    .col(text("phase"))
+                    .col(ColumnDef::new(name("open")).boolean().not_null())
+                    .col(text("state"))
+                    .col(ColumnDef::new(name("created_at")).timestamp_with_time_zone().not_null())
+                    .col(ColumnDef::new(name("updated_at")).timestamp_with_time_zone().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager.create_index(index("ix_migrations_application", "migrations", &["application_id", "id"])).await?;
+        manager.create_index(index("ix_migrations_extra_device", "migrations", &["extra_device_id"])).await?;
+        manager.create_index(index("ix_migrations_open", "migrations", &["open"])).await?;
+        // SQLite alters one column per statement.
+        let columns = [ColumnDef::new(name("migration_id")).uuid().null().to_owned(), optional_text("migration_to")];
+        for mut column in columns {
+            manager.alter_table(Table::alter().table(name("placements")).add_column(&mut column).to_owned()).await?;
+        }
         Ok(())
     }
 }

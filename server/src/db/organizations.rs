@@ -151,6 +151,8 @@ impl Db {
                 hosts.into_iter().flatten().map(edgible::model::DeviceId).collect();
             placement::Entity::delete_many().filter(placement::Column::OrganizationId.eq(id.0)).exec(txn).await?;
             write.change_desired(&hosts).await?;
+            // Devices running its applications for a migration stop too.
+            write.change_desired(&super::migrations::delete_of_organization(txn, id).await?).await?;
             application_hostname::Entity::delete_many()
                 .filter(application_hostname::Column::OrganizationId.eq(id.0))
                 .exec(txn)

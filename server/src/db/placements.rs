@@ -41,6 +41,11 @@ pub(super) fn to_model(row: placement::Model) -> Result<Placement, StoreError> {
         },
         (strategy, _) => return Err(StoreError::Corrupt(format!("placement {} has strategy {strategy:?}", row.id))),
     };
+    // While a migration runs, the spec shown is where it moves the application.
+    let spec = match &row.migration_to {
+        Some(to) => super::parse_json("placement migration_to", to)?,
+        None => spec,
+    };
     Ok(Placement {
         id: PlacementId(row.id),
         organization_id: OrganizationId(row.organization_id),
@@ -48,13 +53,13 @@ pub(super) fn to_model(row: placement::Model) -> Result<Placement, StoreError> {
         created_at: row.created_at,
         updated_at: row.updated_at,
         host: row.device_id.map(DeviceId),
-        migration_id: None,
+        migration_id: row.migration_id.map(edgible::model::MigrationId),
         spec,
     })
 }
 
 /// The stored columns of a spec placed on `host`: strategy, host, pool, region.
-fn columns(
+pub(super) fn columns(
     spec: &PlacementSpec,
     host: DeviceId,
 ) -> (&'static str, Option<uuid::Uuid>, Option<uuid::Uuid>, Option<String>) {
@@ -66,10 +71,21 @@ fn columns(
     }
 }
 
+/// Refuses to change or delete a placement while a migration moves its application.
+pub(super) fn refuse_while_migrating(row: &placement::Model) -> Result<(), StoreError> {
+    match row.migration_id {
+        Some(migration) => Err(StoreError::conflict(
+            "migration_id",
+            format!("migration {migration} of the application is running; wait for it to end"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Checks that what the spec points at exists in the organization (objects of other
 /// organizations are reported exactly like missing ones) and answers where the application
 /// is to run: the named device, or the cloud host the scheduler chooses.
-async fn check_references(
+pub(super) async fn check_references(
     conn: &impl ConnectionTrait,
     organization_id: OrganizationId,
     spec: &PlacementSpec,
@@ -172,6 +188,8 @@ impl Db {
                 revision: Set(write.revision_column()),
                 created_at: Set(write.now),
                 updated_at: Set(write.now),
+                migration_id: Set(None),
+                migration_to: Set(None),
             }
             .insert(&write.txn)
             .await?;
@@ -194,6 +212,11 @@ impl Db {
             let row = PLACEMENTS.row(&write.txn, organization_id.0, id.0).await?;
             check_revision(expected, row.revision)?;
             let current = to_model(row.clone())?;
+            // The same spec again (the migration's destination while one runs) changes nothing.
+            if current.spec == *spec {
+                return Ok(current);
+            }
+            refuse_while_migrating(&row)?;
             if current.spec.application_id() != spec.application_id() {
                 return Err(StoreError::invalid(
                     "application_id",
@@ -230,6 +253,7 @@ impl Db {
         let write = self.begin_write().await?;
         let result = async {
             let row = PLACEMENTS.row(&write.txn, organization_id.0, id.0).await?;
+            refuse_while_migrating(&row)?;
             let current = to_model(row)?;
             placement::Entity::delete_by_id(id.0).exec(&write.txn).await?;
             write.change_desired(&crate::desired::placement_devices(current.host, None)).await?;

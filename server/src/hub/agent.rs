@@ -7,6 +7,9 @@
 //! signed at once by the internal CA, or, under `--issuer acme`, ordered from the ACME
 //! CA (`certs::acme`) and sent later through the device's [`Outbox`], which the session empties
 //! whenever it is woken and when it starts.
+//! Migration steps' results, progress and the statuses of applications go to the migration
+//! driver (`crate::migrations::driver`), whose steps come through the same outbox; a device
+//! that connects is sent the steps of its running migrations again.
 //!
 //! The session is generic over a sink and a stream of [`Frame`]s, so tests drive it through
 //! channels. Every frame the agent sends is decoded with the bounded `protocol::decode`;
@@ -21,7 +24,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use edgible::model::{ApplicationId, ApplicationPhase, Device, DeviceId, LogEntry, LogStream};
-use edgible::protocol::v1::{AgentMessage, EdgePeer, ErrorCode, Phase, ServerMessage, Stream as LogLineStream};
+use edgible::protocol::v1::{
+    AgentMessage, EdgePeer, ErrorCode, Phase, ServerMessage, StepOutcome, Stream as LogLineStream,
+};
 use edgible::protocol::{DecodeError, VERSION, close, decode, encode};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::{Instant, sleep_until, timeout};
@@ -91,6 +96,8 @@ pub struct Agents {
     pub outbox: Arc<Outbox>,
     /// Access policies' settings: what the `access` message carries besides the secrets.
     pub access: Arc<crate::access::AccessSettings>,
+    /// The migration driver, which hears of steps' results, progress and statuses.
+    pub migrations: Arc<crate::migrations::driver::Migrations>,
 }
 
 /// Messages waiting for a device's session, which sends them when woken (and when it starts,
@@ -330,6 +337,8 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
         self.push_edges().await?;
         self.push_access().await?;
         self.flush_outbox().await?;
+        // Steps of running migrations come again (through the outbox, after a wake-up).
+        self.agents.migrations.device_online(self.device.id).await;
         loop {
             let deadline = self.heartbeat.deadline();
             // Without a pending change, a day away: re-checking then costs nothing.
@@ -553,9 +562,18 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                 self.on_certificate_request(application_id, &csr_pem).await?;
             }
             AgentMessage::Usage { records } => self.on_usage(&records).await?,
-            AgentMessage::MigrationStepResult { migration_id, step_id, .. }
-            | AgentMessage::MigrationProgress { migration_id, step_id, .. } => {
-                tracing::debug!(%migration_id, step_id, "no migration runs here yet; ignored");
+            AgentMessage::MigrationStepResult { migration_id, step_id, outcome } => {
+                tracing::debug!(%migration_id, step_id, ?outcome, "migration step answered");
+                let outcome = match outcome {
+                    StepOutcome::Failed { reason } => {
+                        StepOutcome::Failed { reason: bounded(reason, MAX_MESSAGE_BYTES) }
+                    }
+                    done => done,
+                };
+                self.agents.migrations.step_result(self.device.id, migration_id, step_id, &outcome).await;
+            }
+            AgentMessage::MigrationProgress { migration_id, step_id, bytes_done, .. } => {
+                self.agents.migrations.progress(self.device.id, migration_id, step_id, bytes_done).await;
             }
             AgentMessage::Ack { revision } => {
                 if revision > self.offered.revision {
@@ -589,6 +607,7 @@ impl<Tx: Sink<Frame> + Unpin> Session<Tx> {
                         revision: status.revision,
                     })
                     .collect();
+                self.agents.migrations.statuses(self.device.id, &reports).await;
                 match self.agents.db.record_statuses(&self.device, &reports).await {
                     Ok(stored) if stored < reports.len() => {
                         tracing::debug!(

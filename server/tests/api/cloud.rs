@@ -53,8 +53,8 @@ async fn host(served: &Served, operator: &Operator, name: &str, seed: u8) -> any
     Ok((enrolled, agent))
 }
 
-/// The next port for a cloud application: a cloud host runs at most one application per port,
-/// so every test application gets its own.
+/// The next port for a cloud application: every test application gets its own, so that moving
+/// one onto another's port on the same host is a change the test can make.
 fn next_port() -> u16 {
     static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(9000);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -260,14 +260,19 @@ pub async fn cloud_placements_spread_and_refuse_when_full(url: String) -> anyhow
     ensure!(refused.str("/error/message")?.contains("has 1 vCPU, 896 MiB memory"), "{}", refused.text);
     spec["resources"] = json!({"vcpus": 1, "memory_mib": 896});
     app.put(&path, &tenant.admin_key, spec.clone()).await?.expect(200)?;
-    // Nor take a port another application on its host listens on (`small` and `third` share
-    // the second host).
+    // Ports are no host resource (the agent reaches each guest at its own address): `third`
+    // may take the port of `small`, which runs on the same host, and stays there.
     let key = &tenant.admin_key;
     let mut third_spec = app.get(&format!("/v1/applications/{third}"), key).await?.expect(200)?.body["spec"].clone();
     let small_spec = app.get(&format!("/v1/applications/{small}"), key).await?.expect(200)?.body["spec"].clone();
+    ensure!(third_spec["port"] != small_spec["port"], "distinct ports before the change");
     third_spec["port"] = small_spec["port"].clone();
     let path = format!("/v1/applications/{third}");
-    app.put(&path, &tenant.admin_key, third_spec).await?.expect_error(409, "conflict", Some("port"))?;
+    app.put(&path, &tenant.admin_key, third_spec).await?.expect(200)?;
+    let id = third_placement["id"].as_str().ok_or_else(|| anyhow::anyhow!("no id in {third_placement}"))?;
+    let placement = format!("/v1/placements/{id}");
+    let placement = app.get(&placement, key).await?.expect(200)?;
+    ensure!(host_of(&placement.body)? == second, "the same host, the same port: {}", placement.text);
 
     // The operator cannot stop being one while tenants run on its hosts.
     let path = format!("/v1/organizations/{}", ops.org.id);
@@ -280,7 +285,7 @@ pub async fn placements_move_between_a_device_and_the_cloud(url: String) -> anyh
     let app = &served.app;
     let ops = operator(app).await?;
     let tenant = app.org("tenant").await?;
-    let (cloud, mut cloud_agent) = host(&served, &ops, "host-a", 1).await?;
+    let (cloud, cloud_agent) = host(&served, &ops, "host-a", 1).await?;
     let home = pool(app, &tenant).await?;
     let laptop = enrolled_device(app, &tenant, &home, "laptop", 2).await?;
     let mut laptop_agent = TestAgent::connect(&served, &laptop).await?;
@@ -293,28 +298,59 @@ pub async fn placements_move_between_a_device_and_the_cloud(url: String) -> anyh
     let path = format!("/v1/placements/{}", placement.str("/id")?);
     ensure!(ids(&laptop_agent.update().await?.2) == [web]);
 
-    // To the cloud: the laptop loses it, the host gains it.
+    // To the cloud, a migration (the scheduler picks the host): the laptop loses it, the host
+    // gains it.
+    let revision =
+        app.get(&format!("/v1/applications/{web}"), &tenant.admin_key).await?.expect(200)?.u64("/revision")?;
+    let mut laptop_agent = crate::migrations::Agent::wrap(laptop_agent, &laptop, &[web]);
+    let mut cloud_agent = crate::migrations::Agent::wrap(cloud_agent, &cloud, &[]);
     let to_cloud = json!({"strategy": "cloud", "application_id": web, "region": "eu"});
-    let moved = app.put(&path, &tenant.admin_key, to_cloud).await?.expect(200)?;
-    ensure!(moved.str("/host")? == cloud.device_id.to_string(), "{}", moved.text);
-    let (_, _, changed, removed) = laptop_agent.update().await?;
-    ensure!(changed.is_empty() && removed == [web], "{changed:?} {removed:?}");
-    ensure!(ids(&cloud_agent.update().await?.2) == [web]);
+    let moved = app.put(&path, &tenant.admin_key, to_cloud.clone()).await?.expect(200)?;
+    ensure!(moved.str("/host")? == laptop.device_id.to_string(), "routed to the source until cutover: {}", moved.text);
+    let migration = moved.str("/migration_id")?.parse()?;
+    crate::migrations::migrate_stateless(
+        &served,
+        &tenant,
+        migration,
+        web,
+        revision,
+        &mut laptop_agent,
+        &mut cloud_agent,
+    )
+    .await?;
+    let placed = app.get(&path, &tenant.admin_key).await?.expect(200)?;
+    ensure!(placed.str("/host")? == cloud.device_id.to_string(), "{}", placed.text);
 
     // And back.
     let back = app.put(&path, &tenant.admin_key, on_device).await?.expect(200)?;
-    ensure!(back.str("/host")? == laptop.device_id.to_string(), "{}", back.text);
-    let (_, _, changed, removed) = cloud_agent.update().await?;
-    ensure!(changed.is_empty() && removed == [web], "{changed:?} {removed:?}");
-    ensure!(ids(&laptop_agent.update().await?.2) == [web]);
+    let migration = back.str("/migration_id")?.parse()?;
+    crate::migrations::migrate_stateless(
+        &served,
+        &tenant,
+        migration,
+        web,
+        revision,
+        &mut cloud_agent,
+        &mut laptop_agent,
+    )
+    .await?;
+    ensure!(app.get(&path, &tenant.admin_key).await?.expect(200)?.str("/host")? == laptop.device_id.to_string());
 
     // A tenant that goes away leaves nothing running on the operator's host.
-    let to_cloud = json!({"strategy": "cloud", "application_id": web, "region": "eu"});
-    app.put(&path, &tenant.admin_key, to_cloud).await?.expect(200)?;
-    ensure!(ids(&cloud_agent.update().await?.2) == [web]);
+    let moved = app.put(&path, &tenant.admin_key, to_cloud).await?.expect(200)?;
+    let migration = moved.str("/migration_id")?.parse()?;
+    crate::migrations::migrate_stateless(
+        &served,
+        &tenant,
+        migration,
+        web,
+        revision,
+        &mut laptop_agent,
+        &mut cloud_agent,
+    )
+    .await?;
     app.delete(&format!("/v1/organizations/{}", tenant.id), &app.platform_key).await?.expect(204)?;
-    let (_, _, changed, removed) = cloud_agent.update().await?;
-    ensure!(changed.is_empty() && removed == [web], "{changed:?} {removed:?}");
+    cloud_agent.until_runs(web, false).await?;
     Ok(())
 }
 

@@ -257,6 +257,8 @@ pub async fn crud_placements(url: String) -> anyhow::Result<()> {
         .expect(201)?
         .str("/id")?;
     // The device can change in place (the strategy too: see `cloud.rs`, which has cloud hosts).
+    // With no agent connected this is a plain move; between online devices it is a migration
+    // (`migrations.rs`).
     let tablet = app
         .post("/v1/devices", &org.admin_key, json!({"name": "tablet", "pool_id": fleet.pool}))
         .await?

@@ -14,6 +14,7 @@ mod dns;
 mod domains;
 mod edges;
 mod isolation;
+mod migrations;
 mod paging;
 mod postgres;
 mod support;
@@ -125,4 +126,10 @@ suite! {
     cloud::cloud_placements_spread_and_refuse_when_full,
     cloud::placements_move_between_a_device_and_the_cloud,
     cloud::applications_leave_hosts_that_stay_offline,
+    migrations::migrations_are_refused_before_anything_starts,
+    migrations::a_stateful_migration_ships_its_volume_and_moves_the_route,
+    migrations::a_stateless_migration_through_the_placement_drains_the_source,
+    migrations::a_failure_in_each_phase_rolls_back,
+    migrations::a_step_that_times_out_rolls_back,
+    migrations::a_restart_in_the_middle_of_ship_resumes_it,
 }

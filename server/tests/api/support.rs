@@ -80,19 +80,51 @@ impl TestApp {
     /// ephemeral loopback port (for WebSockets and streamed answers); requests through
     /// [`TestApp::send`] and through the socket reach the same state.
     pub async fn serve(url: &str, config: SessionConfig) -> anyhow::Result<Served> {
+        Self::serve_state(url, config, None).await
+    }
+
+    /// [`TestApp::serve`] with migrations timed (and their blobs kept) as `settings` say, and
+    /// the migration driver's clock running. On a database a previous [`Served`] used, the
+    /// bootstrap is skipped (a restart): its key stays valid.
+    pub async fn serve_migrating(
+        url: &str,
+        config: SessionConfig,
+        settings: edgible_server::migrations::driver::MigrationSettings,
+    ) -> anyhow::Result<Served> {
+        Self::serve_state(url, config, Some(settings)).await
+    }
+
+    async fn serve_state(
+        url: &str,
+        config: SessionConfig,
+        migrations: Option<edgible_server::migrations::driver::MigrationSettings>,
+    ) -> anyhow::Result<Served> {
         let db = Db::connect(url).await.context("connecting to the test database")?;
-        let created = edgible_server::bootstrap::bootstrap(&db, &"platform".parse()?).await?;
-        let state = AppState::with_session_config(db.clone(), config);
+        let platform_key = match edgible_server::bootstrap::bootstrap(&db, &"platform".parse()?).await {
+            Ok(created) => created.admin_key.secret,
+            // A restart: the platform key is of no use to the restart tests.
+            Err(_) if migrations.is_some() => String::new(),
+            Err(error) => return Err(error.into()),
+        };
+        let mut state = AppState::with_session_config(db.clone(), config);
+        let mut ticker = None;
+        if let Some(settings) = migrations {
+            state = state.with_migration_settings(settings);
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let task = tokio::spawn(std::sync::Arc::clone(state.migrations()).run(stopped));
+            ticker = Some((stop, task));
+        }
         let router = router(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let server = tokio::spawn(axum::serve(listener, router.clone()).into_future());
         Ok(Served {
-            app: TestApp { router, platform_key: created.admin_key.secret },
+            app: TestApp { router, platform_key },
             base: format!("http://{address}"),
             state,
             db,
             server,
+            ticker,
         })
     }
 
@@ -330,11 +362,17 @@ pub struct Served {
     /// Another handle on the server's database, for setting up what the API cannot.
     pub db: Db,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The migration driver's clock, when it runs.
+    ticker: Option<(tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
 
 impl Drop for Served {
     fn drop(&mut self) {
         self.server.abort();
+        if let Some((stop, task)) = &self.ticker {
+            let _ = stop.send(true);
+            task.abort();
+        }
     }
 }
 
