@@ -226,10 +226,16 @@ impl RunConfig {
         Some(config)
     }
 
+    /// Where applications' volumes live (`<state_dir>/volumes`, see [`crate::volumes`]).
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.state_dir.join(crate::volumes::VOLUMES_DIR)
+    }
+
     pub fn container_config(&self) -> ContainerDriverConfig {
         ContainerDriverConfig {
             socket: self.container_socket.clone(),
             stop_grace: self.stop_grace(),
+            volumes_dir: Some(self.volumes_dir()),
             ..ContainerDriverConfig::default()
         }
     }

@@ -29,6 +29,7 @@ use tokio::time::{Instant, timeout};
 use crate::backoff::{Backoff, BackoffPolicy, Jitter};
 use crate::events::EventLog;
 use crate::logs::LogBuffer;
+use crate::migration::Migrations;
 use crate::reconcile::{AgentReport, DesiredUpdate, ReconcileError, ReconcilerHandle, UpdateOutcome};
 use crate::usage::UsageLedger;
 
@@ -102,6 +103,45 @@ pub trait Local: Send + Sync {
     fn usage(&self) -> Option<Arc<UsageLedger>> {
         None
     }
+
+    /// The executor of migration steps the session hands `migration_step`s to and whose
+    /// results it sends, if any.
+    fn migrations(&self) -> Option<Arc<Migrations>> {
+        None
+    }
+}
+
+/// A [`Local`] that executes migration steps: what `edgible-agent run` hands the session.
+pub struct WithMigrations<L> {
+    pub local: L,
+    pub migrations: Arc<Migrations>,
+}
+
+#[async_trait::async_trait]
+impl<L: Local> Local for WithMigrations<L> {
+    async fn update(&self, update: DesiredUpdate) -> Result<UpdateOutcome, ReconcileError> {
+        self.local.update(update).await
+    }
+
+    fn report(&self) -> watch::Receiver<AgentReport> {
+        self.local.report()
+    }
+
+    fn logs(&self, application_id: ApplicationId) -> Option<LogBuffer> {
+        self.local.logs(application_id)
+    }
+
+    fn events(&self) -> EventLog {
+        self.local.events()
+    }
+
+    fn usage(&self) -> Option<Arc<UsageLedger>> {
+        self.local.usage()
+    }
+
+    fn migrations(&self) -> Option<Arc<Migrations>> {
+        Some(Arc::clone(&self.migrations))
+    }
 }
 
 /// A [`Local`] with a usage ledger: what `edgible-agent run` hands the session.
@@ -130,6 +170,10 @@ impl<L: Local> Local for WithUsage<L> {
 
     fn usage(&self) -> Option<Arc<UsageLedger>> {
         Some(Arc::clone(&self.usage))
+    }
+
+    fn migrations(&self) -> Option<Arc<Migrations>> {
+        self.local.migrations()
     }
 }
 
@@ -172,6 +216,10 @@ impl<T: Local + ?Sized> Local for Arc<T> {
 
     fn usage(&self) -> Option<Arc<UsageLedger>> {
         T::usage(self)
+    }
+
+    fn migrations(&self) -> Option<Arc<Migrations>> {
+        T::migrations(self)
     }
 }
 
@@ -291,6 +339,7 @@ pub(crate) mod tests {
         /// While true, updates wait: a reconciler busy stopping a workload.
         pub busy: watch::Sender<bool>,
         pub usage: Mutex<Option<Arc<UsageLedger>>>,
+        pub migrations: Mutex<Option<Arc<Migrations>>>,
     }
 
     impl FakeLocal {
@@ -303,6 +352,7 @@ pub(crate) mod tests {
                 auto_apply,
                 busy: watch::Sender::new(false),
                 usage: Mutex::default(),
+                migrations: Mutex::default(),
             }
         }
 
@@ -351,6 +401,10 @@ pub(crate) mod tests {
 
         fn usage(&self) -> Option<Arc<UsageLedger>> {
             self.usage.lock().expect("not poisoned").clone()
+        }
+
+        fn migrations(&self) -> Option<Arc<Migrations>> {
+            self.migrations.lock().expect("not poisoned").clone()
         }
     }
 

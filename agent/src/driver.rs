@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use edgible::model::{Application, ApplicationId, Name, Resources, Workload};
+use edgible::model::{Application, ApplicationId, Name, Resources, Volume, Workload};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -78,6 +78,12 @@ pub struct LaunchSpec {
     /// The application's CPU and memory limits; the VM driver sizes its guests by them.
     #[serde(default)]
     pub resources: Option<Resources>,
+    /// The application's volumes (`spec.storage`), in spec order. The reconciler provisions
+    /// them before a start ([`crate::volumes`]); the process driver names their mount points in
+    /// `EDGIBLE_VOLUME_<NAME>`, the container driver bind-mounts them, the VM driver attaches
+    /// their images.
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
 }
 
 impl LaunchSpec {
@@ -114,6 +120,7 @@ impl LaunchSpec {
             port: spec.port,
             env,
             resources: spec.resources.clone(),
+            volumes: spec.storage.clone(),
         }
     }
 
@@ -239,6 +246,8 @@ pub enum DriverError {
     Engine { action: &'static str, source: Box<bollard::errors::Error> },
     #[error("microVM: {0}")]
     Vm(Box<vm::VmError>),
+    #[error("{0}")]
+    Volume(String),
     #[error("{kind} workloads cannot {action}")]
     Unsupported { kind: WorkloadKind, action: &'static str },
 }
@@ -275,6 +284,15 @@ pub trait Driver: Send + Sync {
 
     fn status(&self, application_id: ApplicationId) -> WorkloadStatus;
 
+    /// The address the application's workload listens on (at its port), while this driver
+    /// runs it: `127.0.0.1` for a process or a container, the guest's address for a microVM.
+    /// `None` when the driver runs nothing for the application. The proxy, the health checks
+    /// and wake readiness reach workloads here.
+    fn address(&self, application_id: ApplicationId) -> Option<std::net::IpAddr> {
+        matches!(self.status(application_id), WorkloadStatus::Running { .. })
+            .then_some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    }
+
     /// Keeps the application's running workload in memory but stops it from running (the
     /// `suspend` sleep mode): a frozen process group, a paused and snapshotted microVM. It
     /// stays supervised, and its status stays `Running`.
@@ -291,6 +309,13 @@ pub trait Driver: Send + Sync {
 
     /// The application's recent output, while the driver knows the application.
     fn logs(&self, application_id: ApplicationId) -> Option<LogBuffer>;
+
+    /// Whether this driver can run `launch` here, changing nothing that runs (a migration's
+    /// preflight). The container driver makes sure the image is present, pulling it if needed.
+    async fn preflight(&self, launch: &LaunchSpec) -> Result<(), DriverError> {
+        let _ = launch;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

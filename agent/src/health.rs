@@ -1,5 +1,6 @@
 //! Health checks of running workloads, per the application's [`HealthCheck`]: an HTTP `GET` of
-//! a path (any 2xx or 3xx passes) or a TCP connect, on the workload's port on 127.0.0.1.
+//! a path (any 2xx or 3xx passes) or a TCP connect, on the workload's address and port (its
+//! driver's [`crate::driver::Driver::address`]: `127.0.0.1`, or a microVM's guest address).
 //!
 //! A workload is `starting` until its first passing check, then `running`; after
 //! `unhealthy_threshold` consecutive failures it is `unhealthy` until a check passes again.
@@ -9,6 +10,7 @@
 //!
 //! [`HealthTracker`] holds the rules and does no IO; [`HealthMonitor`] runs the checks.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use edgible::model::{HealthCheck, HealthProtocol};
@@ -98,14 +100,20 @@ pub struct HealthMonitor {
 }
 
 impl HealthMonitor {
-    /// Starts checking the workload listening on `port`; `wake` is woken on every change.
-    pub fn spawn(check: Option<HealthCheck>, port: u16, config: HealthConfig, wake: Wake) -> Self {
+    /// Starts checking the workload listening on `address`; `wake` is woken on every change.
+    /// A workload without an address (its driver runs nothing for it any more) never passes.
+    pub fn spawn(check: Option<HealthCheck>, address: Option<SocketAddr>, config: HealthConfig, wake: Wake) -> Self {
         let Some(check) = check else {
             let (_, state) = watch::channel(HealthState::Healthy);
             return Self { state, _task: None };
         };
+        let Some(address) = address else {
+            let last_error = Some("the workload has no address".to_owned());
+            let (_, state) = watch::channel(HealthState::Starting { last_error });
+            return Self { state, _task: None };
+        };
         let (sender, state) = watch::channel(HealthState::Starting { last_error: None });
-        let task = tokio::spawn(run_checks(check, port, config, sender, wake));
+        let task = tokio::spawn(run_checks(check, address, config, sender, wake));
         Self { state, _task: Some(AbortOnDrop::new(task)) }
     }
 
@@ -116,7 +124,7 @@ impl HealthMonitor {
 
 async fn run_checks(
     check: HealthCheck,
-    port: u16,
+    address: SocketAddr,
     config: HealthConfig,
     sender: watch::Sender<HealthState>,
     wake: Wake,
@@ -125,7 +133,7 @@ async fn run_checks(
     let interval = Duration::from_secs(u64::from(check.interval_seconds.max(1)));
     let timeout = Duration::from_secs(u64::from(check.timeout_seconds.max(1)));
     loop {
-        let result = probe(&check, port, timeout).await;
+        let result = probe(&check, address, timeout).await;
         if tracker.record(result) {
             sender.send_replace(tracker.state().clone());
             wake.wake();
@@ -138,14 +146,13 @@ async fn run_checks(
     }
 }
 
-/// Runs one check against 127.0.0.1:`port`.
-pub async fn probe(check: &HealthCheck, port: u16, timeout: Duration) -> Result<(), String> {
+/// Runs one check against `address`.
+pub async fn probe(check: &HealthCheck, address: SocketAddr, timeout: Duration) -> Result<(), String> {
     let attempt = async {
-        let mut stream =
-            TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("cannot connect to port {port}: {e}"))?;
+        let mut stream = TcpStream::connect(address).await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
         match (check.protocol, &check.path) {
             (HealthProtocol::Tcp, _) | (HealthProtocol::Http, None) => Ok(()),
-            (HealthProtocol::Http, Some(path)) => http_get(&mut stream, port, path.as_str()).await,
+            (HealthProtocol::Http, Some(path)) => http_get(&mut stream, address, path.as_str()).await,
         }
     };
     tokio::time::timeout(timeout, attempt).await.unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
@@ -154,9 +161,9 @@ pub async fn probe(check: &HealthCheck, port: u16, timeout: Duration) -> Result<
 /// The most of an answer read to find its status line.
 const MAX_STATUS_LINE: usize = 4096;
 
-async fn http_get(stream: &mut TcpStream, port: u16, path: &str) -> Result<(), String> {
+async fn http_get(stream: &mut TcpStream, address: SocketAddr, path: &str) -> Result<(), String> {
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: edgible-agent health check\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: edgible-agent health check\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.map_err(|e| format!("cannot send the request: {e}"))?;
     let mut head = Vec::with_capacity(256);
@@ -246,7 +253,7 @@ mod tests {
     #[tokio::test]
     async fn probes_reach_a_real_listener() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("address").port();
+        let address = listener.local_addr().expect("address");
         let server = tokio::spawn(async move {
             for answer in ["HTTP/1.1 200 OK\r\n\r\n", "HTTP/1.1 503 Busy\r\n\r\n"] {
                 let (mut stream, _) = listener.accept().await.expect("accept");
@@ -258,12 +265,12 @@ mod tests {
         let check: HealthCheck =
             serde_json::from_value(serde_json::json!({"protocol": "http", "path": "/healthz"})).expect("a valid check");
         let timeout = Duration::from_secs(5);
-        assert_eq!(probe(&check, port, timeout).await, Ok(()));
-        assert_eq!(probe(&check, port, timeout).await, Err("GET /healthz answered 503".into()));
+        assert_eq!(probe(&check, address, timeout).await, Ok(()));
+        assert_eq!(probe(&check, address, timeout).await, Err("GET /healthz answered 503".into()));
         server.await.expect("server");
 
         let tcp: HealthCheck = serde_json::from_value(serde_json::json!({"protocol": "tcp"})).expect("a valid check");
-        let error = probe(&tcp, port, timeout).await.expect_err("nothing listens any more");
-        assert!(error.contains("cannot connect"), "{error}");
+        let error = probe(&tcp, address, timeout).await.expect_err("nothing listens any more");
+        assert!(error.contains(&format!("cannot connect to {address}")), "{error}");
     }
 }

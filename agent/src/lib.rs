@@ -16,6 +16,9 @@
 //! - [`sleep`]: idle detection, wake coalescing and the usage counters of sleeping applications.
 //! - [`usage`]: the ledger of usage records (persisted until the server acknowledges them).
 //! - [`logs`], [`events`]: bounded buffers of workload output and lifecycle events.
+//! - [`volumes`]: the ext4 images of applications' volumes, mounted for their workloads.
+//! - [`migration`]: the migration steps the server asks of this device (quiesce, snapshot,
+//!   ship, restore, drain, resume, release) and the holds that keep quiesced workloads stopped.
 
 pub mod backoff;
 pub mod config;
@@ -26,6 +29,7 @@ pub mod enroll;
 pub mod events;
 pub mod health;
 pub mod logs;
+pub mod migration;
 pub mod proxy;
 pub mod reconcile;
 pub mod service;
@@ -33,3 +37,4 @@ pub mod sleep;
 pub mod state;
 mod tasks;
 pub mod usage;
+pub mod volumes;

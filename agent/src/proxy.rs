@@ -5,8 +5,11 @@
 //! header carrying the real client address. Then the ClientHello is read and its SNI name
 //! chooses the route (a name without a route is closed before any handshake); rustls
 //! terminates TLS with that name's certificate, and the connection is served either as
-//! HTTP/1.1 or HTTP/2 (ALPN; reverse proxied to the workload on `127.0.0.1:PORT`, see [`http`])
-//! or, for raw applications, without ALPN, spliced as plaintext TCP to the workload.
+//! HTTP/1.1 or HTTP/2 (ALPN; reverse proxied to the workload, see [`http`]) or, for raw
+//! applications, without ALPN, spliced as plaintext TCP to the workload. The workload is reached
+//! at its port on the address its driver gives ([`SleepTable::address`], asked per request after
+//! any wake): `127.0.0.1` for processes and containers, the guest's own address for a microVM,
+//! so two microVMs listening on one port never meet.
 //!
 //! - [`edgible::proxy_protocol`]: the pure PROXY v2 codec, shared with the edge that encodes it.
 //! - [`tls`]: the certificate store, swappable while connections run, and the SNI resolver.
@@ -21,6 +24,11 @@
 //! request, and the bytes of the decrypted stream both ways; a request (or raw connection) to a
 //! sleeping application waits for its wake, shared with every other request arriving during
 //! it, and gets 503 (a small page) when the wake fails or times out.
+//!
+//! Migrations set a gate per application in the same table ([`crate::sleep::Gate`]): a
+//! quiesced application's requests get 503 with `Retry-After: 1` and `Connection: close` (raw
+//! connections are closed at once), a draining one's HTTP/1 answers carry `Connection: close`;
+//! requests (until their body is sent) and raw connections count as in flight meanwhile.
 
 pub mod access;
 mod counted;
@@ -97,7 +105,7 @@ impl ProxyConfig {
 /// Where the connections of a hostname go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
-    /// The workload's port on 127.0.0.1.
+    /// The workload's port (on the address its driver gives, see the module documentation).
     pub port: u16,
     /// Splice the decrypted stream as raw TCP instead of speaking HTTP.
     pub raw_tcp: bool,
@@ -363,7 +371,7 @@ async fn handshake(
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
     let server_name = start.client_hello().server_name().map(str::to_owned).ok_or(HandshakeError::NoServerName)?;
     let route = shared.routes.find(&server_name).ok_or_else(|| HandshakeError::NoRoute(server_name.clone()))?;
-    let config = if route.raw_tcp { &shared.tls.raw } else { &shared.tls.http };
+    let config = shared.tls.select(route.raw_tcp, start.client_hello().cipher_suites());
     let tls = start.into_stream(config.clone()).await?;
     Ok((tls, server_name, route))
 }
@@ -415,17 +423,33 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
     let guard = application.as_ref().map(|(application_id, _)| shared.sleep.open(*application_id));
     let tls = counted::Counted::new(tls, application.as_ref().map(|(_, counters)| counters.clone()));
     if route.raw_tcp {
+        let mut in_flight = None;
         if let Some((application_id, counters)) = &application {
+            if shared.sleep.gate(*application_id) == crate::sleep::Gate::Refuse {
+                debug!(%client, %server_name, "closed a raw connection: its application is quiesced for a migration");
+                return;
+            }
+            in_flight = Some(crate::sleep::InFlight::new(counters.clone()));
             Counters::add(&counters.requests, 1);
             if let Err(error) = shared.sleep.ensure_awake(*application_id).await {
                 warn!(%client, %server_name, %error, "closed a raw connection: its application did not wake");
                 return;
             }
         }
-        splice_raw(tls, route.port, &shared.config, client).await;
+        let host = match &application {
+            Some((application_id, _)) => shared.sleep.address(*application_id),
+            None => Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+        };
+        let Some(host) = host else {
+            debug!(%client, %server_name, "closed a raw connection: no workload runs for it");
+            return;
+        };
+        splice_raw(tls, SocketAddr::new(host, route.port), &shared.config, client).await;
+        drop(in_flight);
         drop(guard);
         return;
     }
+    let application_id = application.as_ref().map(|(application_id, _)| *application_id);
     let service = http::ProxyService::new(http::RequestContext {
         server_name,
         client,
@@ -447,16 +471,40 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
         .keep_alive_interval(shared.config.header_timeout)
         .keep_alive_timeout(shared.config.header_timeout);
     let io = TokioIo::new(tls);
-    if let Err(error) = builder
-        .serve_connection_with_upgrades(
-            io,
-            hyper::service::service_fn(move |request| {
-                let service = service.clone();
-                async move { service.handle(request).await }
-            }),
-        )
-        .await
-    {
+    let connection = builder.serve_connection_with_upgrades(
+        io,
+        hyper::service::service_fn(move |request| {
+            let service = service.clone();
+            async move { service.handle(request).await }
+        }),
+    );
+    let mut connection = std::pin::pin!(connection);
+    // When a migration quiesces or drains the application, the connection ends gracefully:
+    // at once when idle, after the response in progress otherwise (HTTP/2: GOAWAY). Clients
+    // then reconnect, through the edge, to wherever the application runs next, rather than
+    // sending their next request down a keep-alive connection to a device that let it go.
+    let mut gates = application_id.map(|_| shared.sleep.gate_changes());
+    let result = loop {
+        let gate_changed = async {
+            match gates.as_mut() {
+                Some(gates) => gates.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            open = gate_changed => {
+                let closing = application_id.is_some_and(|id| shared.sleep.gate(id) != crate::sleep::Gate::Open);
+                if !open || closing {
+                    if closing {
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    gates = None;
+                }
+            }
+        }
+    };
+    if let Err(error) = result {
         debug!(%client, %error, "HTTP connection ended with an error");
     }
     drop(guard);
@@ -466,20 +514,19 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
 /// or the connection idles out.
 async fn splice_raw(
     tls: counted::Counted<tokio_rustls::server::TlsStream<TcpStream>>,
-    port: u16,
+    workload: SocketAddr,
     config: &ProxyConfig,
     client: SocketAddr,
 ) {
-    let upstream =
-        tokio::time::timeout(config.connect_timeout, TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))).await;
+    let upstream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(workload)).await;
     let upstream = match upstream {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(error)) => {
-            debug!(%client, port, %error, "workload refused a raw connection");
+            debug!(%client, %workload, %error, "workload refused a raw connection");
             return;
         }
         Err(_) => {
-            debug!(%client, port, "connecting to the workload timed out");
+            debug!(%client, %workload, "connecting to the workload timed out");
             return;
         }
     };

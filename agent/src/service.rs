@@ -14,13 +14,15 @@ use tokio::sync::watch;
 
 use crate::backoff::RandomJitter;
 use crate::config::RunConfig;
-use crate::control::{self, ConnectError, ControlStats, HelloParams, WebSocketConnector, WithUsage};
+use crate::control::{self, ConnectError, ControlStats, HelloParams, WebSocketConnector, WithMigrations, WithUsage};
 use crate::datapath::DataPath;
 use crate::driver::{ContainerDriver, Driver, ProcessDriver, VmDriver, WorkloadKind};
 use crate::enroll::{Enrolled, IdentityError};
+use crate::migration::{BlobClient, MigrationContext, Migrations};
 use crate::reconcile::{Drivers, Reconciler, Shutdown};
 use crate::state::{StateDir, StateError};
 use crate::usage::{self, UsageError, UsageLedger};
+use crate::volumes::Volumes;
 
 /// How long the container engine may take to answer at startup before the agent goes on
 /// without container workloads.
@@ -36,6 +38,8 @@ pub enum RunError {
     Usage(#[from] UsageError),
     #[error("the enrolled server URL is unusable: {0}")]
     Server(#[from] ConnectError),
+    #[error("cannot reach the server's blob store: {0}")]
+    Blobs(#[from] crate::migration::blobs::BlobError),
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -45,7 +49,12 @@ pub async fn run(config: &RunConfig, shutdown: impl Future<Output = ()>) -> Resu
     let connector = WebSocketConnector::new(&enrolled.identity.server, &enrolled.credential)?;
     let drivers = drivers(config).await;
     let capabilities = drivers.kinds().iter().map(ToString::to_string).collect();
-    let reconciler = Reconciler::new(config.reconciler_config(), state_dir, drivers)?;
+    // A cloud host attaches volume images to its microVMs and never mounts them itself.
+    let volumes = Volumes::new(config.volumes_dir(), config.vm_config().is_none());
+    let reconciler =
+        Reconciler::new(config.reconciler_config(), state_dir.clone(), drivers.clone())?.with_volumes(volumes);
+    let holds = reconciler.holds();
+    let volumes = reconciler.volumes();
     let identity = &enrolled.identity;
     tracing::info!(
         device = %identity.device_name,
@@ -57,6 +66,16 @@ pub async fn run(config: &RunConfig, shutdown: impl Future<Output = ()>) -> Resu
     let usage = UsageLedger::open(StateDir::open(&config.state_dir)?, usage::DEFAULT_CAPACITY)?;
     let reconciler = Arc::new(reconciler.spawn());
     let sleep = reconciler.sleep_table();
+    let migrations = Migrations::new(MigrationContext {
+        state_dir,
+        volumes,
+        holds,
+        sleep: Arc::clone(&sleep),
+        desired: reconciler.desired(),
+        report: reconciler.report(),
+        drivers,
+        blobs: Some(BlobClient::new(&identity.server, &enrolled.credential)?),
+    })?;
     let hello = HelloParams {
         device_id: identity.device_id,
         public_key: identity.public_key.clone(),
@@ -83,7 +102,7 @@ pub async fn run(config: &RunConfig, shutdown: impl Future<Output = ()>) -> Resu
     ));
     let mut data_path = tokio::spawn(data_path.run(inputs, stop.subscribe()));
     let control_config = config.control_config();
-    let local = WithUsage { local: Arc::clone(&reconciler), usage };
+    let local = WithMigrations { local: WithUsage { local: Arc::clone(&reconciler), usage }, migrations };
     let stats = Arc::new(ControlStats::default());
     let session_stats = Arc::clone(&stats);
     let mut session = tokio::spawn(async move {

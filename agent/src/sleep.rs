@@ -15,6 +15,7 @@
 //! counting bytes takes no lock; [`SleepTable::take_usage`] turns them into one period's usage.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -34,6 +35,14 @@ pub trait WakeWorkload: Send + Sync {
 
     /// A wake failed or timed out: whatever it started must go back to sleep.
     fn failed(&self, application_id: ApplicationId, reason: String);
+}
+
+/// Where each application's workload listens (the drivers answer: `127.0.0.1` for processes
+/// and containers, the guest's address for a microVM). The reconciler sets it on the table, so
+/// that the proxy, which finds applications here, also finds where to reach them.
+pub trait WorkloadAddresses: Send + Sync {
+    /// `None` while no workload of the application runs.
+    fn address(&self, application_id: ApplicationId) -> Option<IpAddr>;
 }
 
 /// Why a request could not be served by a sleeping application.
@@ -62,6 +71,40 @@ pub struct Counters {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub wakes: AtomicU64,
+    /// HTTP requests being answered (until their response body ends) and raw connections
+    /// open: what a migration's quiesce or drain waits for. Not usage: never taken.
+    pub in_flight: AtomicU64,
+}
+
+/// Counts one request (or raw connection) in flight while it lives.
+#[derive(Debug)]
+pub struct InFlight(Arc<Counters>);
+
+impl InFlight {
+    pub fn new(counters: Arc<Counters>) -> Self {
+        Counters::add(&counters.in_flight, 1);
+        Self(counters)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How the proxy lets requests through to an application, set by migration steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Gate {
+    /// Serve as usual.
+    #[default]
+    Open,
+    /// Quiesced: refuse new requests and raw connections (503, `Retry-After: 1`,
+    /// `Connection: close`).
+    Refuse,
+    /// Draining: serve, but end every HTTP/1 connection after its response
+    /// (`Connection: close`).
+    Close,
 }
 
 impl Counters {
@@ -147,19 +190,31 @@ struct Inner {
     hostnames: HashMap<String, ApplicationId>,
     /// Applications no longer desired whose last usage was not taken yet.
     retired: Vec<(ApplicationId, Usage)>,
+    /// Gates other than [`Gate::Open`], kept whether or not the application is desired.
+    gates: HashMap<ApplicationId, Gate>,
 }
 
 /// See the module documentation.
 pub struct SleepTable {
     inner: Mutex<Inner>,
     waker: Mutex<Option<Arc<dyn WakeWorkload>>>,
+    addresses: Mutex<Option<Arc<dyn WorkloadAddresses>>>,
     /// Woken whenever a state changes, so the reconciler publishes it (phases `waking`).
     changed: Wake,
+    /// Bumped whenever a gate changes, so that open connections can end themselves
+    /// gracefully when their application's gate closes ([`SleepTable::gate_changes`]).
+    gate_changes: watch::Sender<u64>,
 }
 
 impl SleepTable {
     pub fn new(changed: Wake) -> Arc<Self> {
-        Arc::new(Self { inner: Mutex::default(), waker: Mutex::new(None), changed })
+        Arc::new(Self {
+            inner: Mutex::default(),
+            waker: Mutex::new(None),
+            addresses: Mutex::new(None),
+            changed,
+            gate_changes: watch::Sender::new(0),
+        })
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
@@ -169,6 +224,22 @@ impl SleepTable {
 
     pub fn set_waker(&self, waker: Arc<dyn WakeWorkload>) {
         *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker);
+    }
+
+    pub fn set_addresses(&self, addresses: Arc<dyn WorkloadAddresses>) {
+        *self.addresses.lock().unwrap_or_else(PoisonError::into_inner) = Some(addresses);
+    }
+
+    /// Where the application's workload listens now: asked at each request (and raw
+    /// connection), after its wake, because a woken or restarted microVM may have another
+    /// address than before. `127.0.0.1` when no one told the table (a proxy without a
+    /// reconciler); `None` while no workload of the application runs.
+    pub fn address(&self, application_id: ApplicationId) -> Option<IpAddr> {
+        let addresses = self.addresses.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        match addresses {
+            Some(addresses) => addresses.address(application_id),
+            None => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        }
     }
 
     /// Takes the desired applications: new ones start awake, gone ones are dropped (their
@@ -205,6 +276,38 @@ impl SleepTable {
             }
         }
         inner.hostnames = hostnames;
+    }
+
+    /// Sets how the proxy lets requests through to the application (migration steps).
+    pub fn set_gate(&self, application_id: ApplicationId, gate: Gate) {
+        let mut inner = self.inner();
+        if gate == Gate::Open {
+            inner.gates.remove(&application_id);
+        } else {
+            inner.gates.insert(application_id, gate);
+        }
+        drop(inner);
+        self.gate_changes.send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// Changes whenever any gate does: a connection watches it and looks at its own
+    /// application's [`SleepTable::gate`] when it changes.
+    pub fn gate_changes(&self) -> watch::Receiver<u64> {
+        self.gate_changes.subscribe()
+    }
+
+    /// The application's open proxied connections (0 for an unknown one).
+    pub fn open_connections(&self, application_id: ApplicationId) -> u64 {
+        self.inner().apps.get(&application_id).map_or(0, |entry| entry.open)
+    }
+
+    pub fn gate(&self, application_id: ApplicationId) -> Gate {
+        self.inner().gates.get(&application_id).copied().unwrap_or_default()
+    }
+
+    /// The application's requests and raw connections in flight (0 for an unknown one).
+    pub fn in_flight(&self, application_id: ApplicationId) -> u64 {
+        self.inner().apps.get(&application_id).map_or(0, |entry| entry.counters.in_flight.load(Ordering::Relaxed))
     }
 
     /// The application serving `hostname`, and its counters.
@@ -467,6 +570,24 @@ mod tests {
         fn failed(&self, _: ApplicationId, reason: String) {
             self.failures.lock().expect("not poisoned").push(reason);
         }
+    }
+
+    struct GuestAddresses(ApplicationId);
+
+    impl WorkloadAddresses for GuestAddresses {
+        fn address(&self, application_id: ApplicationId) -> Option<IpAddr> {
+            (application_id == self.0).then_some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2)))
+        }
+    }
+
+    #[test]
+    fn workloads_are_at_loopback_until_the_drivers_tell_otherwise() {
+        let table = SleepTable::new(Wake::new());
+        let (app, other) = (ApplicationId::new(), ApplicationId::new());
+        assert_eq!(table.address(app), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), "no reconciler: loopback");
+        table.set_addresses(Arc::new(GuestAddresses(app)));
+        assert_eq!(table.address(app), Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2))));
+        assert_eq!(table.address(other), None, "no workload runs for it");
     }
 
     #[tokio::test(start_paused = true)]

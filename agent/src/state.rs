@@ -9,6 +9,9 @@
 //!   certs/APP_ID.key    mode 0600: each application's TLS private key (the data path)
 //!   certs/APP_ID.pem    its certificate chain, as the server signed it
 //!   logs/               output files of process workloads
+//!   volumes/APP_ID/     each volume's ext4 image (NAME.img) and mount point (NAME/)
+//!   migrations/         holds.json (quiesced applications), steps.json (ended migration
+//!                       steps), MIGRATION_ID/ (snapshot chunks and their application)
 //!   lock                held (flock) by the agent that uses the directory
 //! ```
 //!

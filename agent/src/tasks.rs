@@ -14,15 +14,6 @@ impl AbortOnDrop {
         Self(Some(handle))
     }
 
-    /// Aborts the task and waits until it is gone, so that what it owned (a listening socket,
-    /// say) is released when this returns.
-    pub async fn abort_and_wait(mut self) {
-        if let Some(handle) = self.0.take() {
-            handle.abort();
-            let _ = handle.await;
-        }
-    }
-
     /// Waits for the task to end by itself, for at most `timeout`, then aborts it.
     pub async fn join(mut self, timeout: Duration) {
         if let Some(handle) = self.0.as_mut() {

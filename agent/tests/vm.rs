@@ -3,7 +3,7 @@
 //! table.
 //!
 //! Gated by `EDGIBLE_ACC=1`; needs root, `qemu-system-x86`, `busybox-static`, `nftables`,
-//! `iproute2`, and the kernel package extracted in `$EDGIBLE_VM_KERNEL_DIR` (`boot/vmlinuz-*`,
+//! `iproute2`, `e2fsprogs` (volume images: `mkfs.ext4`, read back with `debugfs`), and the kernel package extracted in `$EDGIBLE_VM_KERNEL_DIR` (`boot/vmlinuz-*`,
 //! `lib/modules/`), which `.ci/test` prepares. Each test runs in a network namespace of its own
 //! (unshared by the test's thread before its runtime starts, so the runtime's threads and every
 //! QEMU, `ip` and `nft` they start are inside it): taps and the firewall table never meet the
@@ -98,6 +98,7 @@ fn launch(name: &str, port: u16, script: &str, env: &[(&str, &str)]) -> LaunchSp
         port,
         env: environment,
         resources: None,
+        volumes: Vec::new(),
     }
 }
 
@@ -181,29 +182,19 @@ fn a_process_workload_serves_logs_suspends_resumes_restores_and_stops() {
         let _reaper = Reaper(temp.path().to_path_buf());
         let driver = driver(temp.path(), &kernel);
         let app = launch("web", 8080, HTTPD, &[("GREETING", "it's me")]);
-        // The loopback port taken: the start fails whole, leaving no QEMU and no tap behind.
-        let squatter = std::net::TcpListener::bind("127.0.0.1:8080")?;
-        let error = driver.start(&app, Wake::new()).await.expect_err("the port is taken");
-        assert!(error.to_string().contains("127.0.0.1:8080"), "{error}");
-        assert!(!link_exists("edgvm0"), "no tap left");
-        let leftovers = std::fs::read_dir("/proc")?
-            .flatten()
-            .filter(|entry| {
-                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-                String::from_utf8_lossy(&cmdline).contains(&*temp.path().to_string_lossy())
-            })
-            .count();
-        assert_eq!(leftovers, 0, "no QEMU left");
-        drop(squatter);
+        // Something else of the host's on the application's loopback port changes nothing: the
+        // guest is reached at its own address.
+        let _squatter = std::net::TcpListener::bind("127.0.0.1:8080")?;
+        assert_eq!(driver.address(app.application_id), None, "nothing runs yet");
         let booted = Instant::now();
         let handle = driver.start(&app, Wake::new()).await?;
         let guest = driver.guest_address(app.application_id).context("a guest address")?;
         assert_eq!(guest, Ipv4Addr::new(198, 51, 100, 2));
+        assert_eq!(driver.address(app.application_id), Some(guest.into()), "the workload's address is the guest's");
         let at_guest = SocketAddr::from((guest, 8080));
         wait_answering(at_guest, Duration::from_secs(45)).await?;
         println!("microVM ({:?}) answered {:?} after start", driver.accel().await?, booted.elapsed());
         assert_eq!(get(at_guest, Duration::from_secs(2)).await?.trim(), "it's me");
-        assert_eq!(get(SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)), Duration::from_secs(2)).await?.trim(), "it's me");
         wait_log(
             &driver,
             app.application_id,
@@ -224,7 +215,7 @@ fn a_process_workload_serves_logs_suspends_resumes_restores_and_stops() {
             matches!(driver.status(app.application_id), WorkloadStatus::Running { handle: ref now } if *now == handle)
         );
         assert_eq!(get(at_guest, Duration::from_secs(2)).await?.trim(), "it's me");
-        assert_eq!(get(SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)), Duration::from_secs(2)).await?.trim(), "it's me");
+        assert_eq!(driver.address(app.application_id), Some(guest.into()));
 
         driver.suspend(app.application_id).await?;
         assert!(get(at_guest, Duration::from_secs(1)).await.is_err(), "a suspended guest does not answer");
@@ -263,6 +254,7 @@ fn a_process_workload_serves_logs_suspends_resumes_restores_and_stops() {
         assert!(!link_exists("edgvm0"), "the tap is gone");
         assert!(!nft_table_exists(), "no VM, no table");
         assert!(get(at_guest, Duration::from_secs(1)).await.is_err());
+        assert_eq!(driver.address(app.application_id), None, "a stopped VM has no address");
         driver.remove(app.application_id).await?;
         Ok(())
     });
@@ -383,6 +375,127 @@ fn a_container_image_boots_as_the_guests_root_filesystem() {
         assert_eq!(layers, 1, "the image's filesystem is cached as one layer");
         driver.remove(app.application_id).await?;
         assert!(!link_exists("edgvm0"));
+        Ok(())
+    });
+}
+
+#[test]
+fn two_guests_listen_on_one_port_each_at_its_own_address() {
+    let Some(kernel) = kernel() else { return };
+    in_namespace(async || {
+        let temp = tempfile::tempdir()?;
+        let _reaper = Reaper(temp.path().to_path_buf());
+        let driver = driver(temp.path(), &kernel);
+        let a = launch("a", 8080, HTTPD, &[("GREETING", "tenant a")]);
+        let b = launch("b", 8080, HTTPD, &[("GREETING", "tenant b")]);
+        driver.start(&a, Wake::new()).await?;
+        driver.start(&b, Wake::new()).await.context("a second guest on the same port")?;
+        let (Some(at_a), Some(at_b)) = (driver.address(a.application_id), driver.address(b.application_id)) else {
+            bail!("both guests have an address");
+        };
+        assert_ne!(at_a, at_b);
+        let (at_a, at_b) = (SocketAddr::new(at_a, 8080), SocketAddr::new(at_b, 8080));
+        wait_answering(at_a, Duration::from_secs(45)).await?;
+        wait_answering(at_b, Duration::from_secs(45)).await?;
+        assert_eq!(get(at_a, Duration::from_secs(2)).await?.trim(), "tenant a");
+        assert_eq!(get(at_b, Duration::from_secs(2)).await?.trim(), "tenant b");
+        // Stopping one leaves the other serving; the freed address is not handed out again at
+        // once, so a restarted `a` has another one.
+        driver.stop(a.application_id).await?;
+        assert_eq!(get(at_b, Duration::from_secs(2)).await?.trim(), "tenant b");
+        driver.start(&a, Wake::new()).await?;
+        let again = driver.address(a.application_id).context("a restarted guest's address")?;
+        assert!(again != at_a.ip() && again != at_b.ip(), "{again}");
+        wait_answering(SocketAddr::new(again, 8080), Duration::from_secs(45)).await?;
+        assert_eq!(get(SocketAddr::new(again, 8080), Duration::from_secs(2)).await?.trim(), "tenant a");
+        driver.remove(a.application_id).await?;
+        driver.remove(b.application_id).await?;
+        Ok(())
+    });
+}
+
+/// Makes an ext4 image of `size_mib` at `path`, as the agent's volumes do.
+fn make_volume(path: &Path, size_mib: u64) -> Result<()> {
+    std::fs::create_dir_all(path.parent().context("a parent")?)?;
+    let output = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(path)
+        .arg(format!("{size_mib}M"))
+        .output()
+        .context("mkfs.ext4 runs (e2fsprogs)")?;
+    anyhow::ensure!(output.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(())
+}
+
+/// A file of an ext4 image, read on the host without mounting it (`debugfs`).
+fn read_from_image(image: &Path, file: &str) -> Result<String> {
+    let output = std::process::Command::new("debugfs")
+        .args(["-R", &format!("cat {file}")])
+        .arg(image)
+        .output()
+        .context("debugfs runs (e2fsprogs)")?;
+    anyhow::ensure!(output.status.success(), "debugfs: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn volume(name: &str, mount_path: &str) -> edgible::model::Volume {
+    serde_json::from_value(serde_json::json!({"name": name, "size_mib": 64, "mount_path": mount_path}))
+        .expect("a volume")
+}
+
+#[test]
+fn volumes_are_disks_mounted_in_the_guest_and_written_through_on_stop() {
+    let Some(kernel) = kernel() else { return };
+    in_namespace(async || {
+        let temp = tempfile::tempdir()?;
+        let _reaper = Reaper(temp.path().to_path_buf());
+        let driver = driver(temp.path(), &kernel);
+        // The workload appends a line to each volume at every start, then serves what it finds;
+        // the write is not synced: only a clean stop puts it on the image.
+        let script = r#"echo "start $GREETING" >> "$EDGIBLE_VOLUME_APP_DATA/log"
+            echo "cache" > "$EDGIBLE_VOLUME_CACHE/mark"
+            mkdir -p /www
+            { echo "data=$EDGIBLE_VOLUME_APP_DATA cache=$EDGIBLE_VOLUME_CACHE"; cat "$EDGIBLE_VOLUME_APP_DATA/log"; } > /www/index.html
+            exec httpd -f -p "$PORT" -h /www"#;
+        let mut app = launch("stateful", 8090, script, &[("GREETING", "hello")]);
+        app.volumes = vec![volume("app-data", "/var/lib/app"), volume("cache", "/cache")];
+        let volumes = temp.path().join("volumes");
+        let data = edgible_agent::volumes::image_path(&volumes, app.application_id, "app-data");
+        let cache = edgible_agent::volumes::image_path(&volumes, app.application_id, "cache");
+
+        // A missing image fails the start, naming the volume.
+        let error = driver.start(&app, Wake::new()).await.expect_err("no images yet");
+        assert!(error.to_string().contains("volume app-data"), "{error}");
+        make_volume(&data, 64)?;
+        make_volume(&cache, 64)?;
+
+        driver.start(&app, Wake::new()).await?;
+        let guest = SocketAddr::new(driver.address(app.application_id).context("an address")?, 8090);
+        wait_answering(guest, Duration::from_secs(45)).await?;
+        let page = get(guest, Duration::from_secs(2)).await?;
+        assert!(page.contains("data=/var/lib/app cache=/cache"), "{page}");
+        assert!(page.contains("start hello"), "{page}");
+        let stopping = Instant::now();
+        driver.stop(app.application_id).await?;
+        let serial = temp.path().join(format!("vm/vms/{}/serial.log", app.application_id));
+        let serial = std::fs::read_to_string(serial)?;
+        assert!(serial.contains("EDGIBLE_EXIT 143"), "the guest ended the workload with SIGTERM: {serial}");
+        println!("a clean guest stop took {:?}", stopping.elapsed());
+        assert_eq!(read_from_image(&data, "/log")?, "start hello\n", "written through on stop");
+        assert_eq!(read_from_image(&cache, "/mark")?, "cache\n");
+
+        // The next start finds what the last one wrote.
+        driver.start(&app, Wake::new()).await?;
+        let guest = SocketAddr::new(driver.address(app.application_id).context("an address")?, 8090);
+        wait_answering(guest, Duration::from_secs(45)).await?;
+        let page = get(guest, Duration::from_secs(2)).await?;
+        assert_eq!(page.matches("start hello").count(), 2, "{page}");
+
+        // Suspended, then stopped: the guest runs again to end cleanly.
+        driver.suspend(app.application_id).await?;
+        driver.stop(app.application_id).await?;
+        assert_eq!(read_from_image(&data, "/log")?, "start hello\nstart hello\n");
+        driver.remove(app.application_id).await?;
         Ok(())
     });
 }

@@ -18,10 +18,12 @@
 //! - The writer owns the sink. It sends queued pongs and errors first, then `ack`s and
 //!   `status` when the reconciler's report changes, and every `flush_interval` the lifecycle
 //!   events and log lines the reconciler and drivers buffered, and the `certificate_request`s
-//!   the data path queued. It pulls from those bounded rings only when the previous frame was
-//!   written, so a slow server never blocks the reconciler or grows the agent: the rings drop
-//!   their oldest entries and count them, and the count goes out with the next `logs` frame
-//!   (and as an event, for events).
+//!   the data path queued, and the results and progress of migration steps
+//!   ([`crate::migration`], which runs each step the reader hands it in a task of its own).
+//!   It pulls from those bounded rings only when the previous frame was written, so a slow
+//!   server never blocks the reconciler or grows the agent: the rings drop their oldest
+//!   entries and count them, and the count goes out with the next `logs` frame (and as an
+//!   event, for events).
 
 use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -366,8 +368,12 @@ impl<L: Local + ?Sized> Session<'_, L> {
                     tracing::warn!("the server sent a second welcome; ignored");
                     Ok(())
                 }
-                ServerMessage::MigrationStep { migration_id, step_id, .. } => {
-                    tracing::warn!(%migration_id, step_id, "migration steps are not executed by this agent yet");
+                ServerMessage::MigrationStep { migration_id, step_id, deadline, step } => {
+                    match self.local.migrations() {
+                        // Runs in a task of its own (or is answered again): never waited for here.
+                        Some(migrations) => migrations.submit(migration_id, step_id, deadline, step),
+                        None => tracing::warn!(%migration_id, step_id, "this agent does not execute migration steps"),
+                    }
                     Ok(())
                 }
                 ServerMessage::UsageAck { seq } => {
@@ -535,6 +541,7 @@ impl<'a, L: Local + ?Sized> Writer<'a, L> {
         Tx::Error: Display,
     {
         let mut report = self.local.report();
+        let migrations = self.local.migrations();
         let mut flush = tokio::time::interval(self.config.flush_interval);
         flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
         report.mark_changed();
@@ -567,6 +574,13 @@ impl<'a, L: Local + ?Sized> Writer<'a, L> {
                         }
                         None => requests_open = false,
                     },
+                    () = migration_outgoing(migrations.as_deref()) => {
+                        if let Some(migrations) = &migrations {
+                            for message in migrations.take_outgoing() {
+                                send(self.config, tx, &message).await?;
+                            }
+                        }
+                    }
                     _ = flush.tick() => self.flush(tx, &report).await?,
                 }
             }
@@ -661,6 +675,14 @@ impl<'a, L: Local + ?Sized> Writer<'a, L> {
             }
         }
         Ok(())
+    }
+}
+
+/// Resolves when migration results or progress wait to be sent; never without an executor.
+async fn migration_outgoing(migrations: Option<&crate::migration::Migrations>) {
+    match migrations {
+        Some(migrations) => migrations.outgoing().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -869,6 +891,52 @@ mod tests {
         assert_eq!(ControlStats::get(&stats.updates_stale), 1);
         assert_eq!(ControlStats::get(&stats.updates_taken), 2);
         assert_eq!(local.desired.lock().expect("not poisoned").applications.len(), 2, "the stale delta added nothing");
+    }
+
+    #[tokio::test]
+    async fn migration_steps_are_executed_once_and_their_results_sent_again_on_repeat() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let local = Arc::new(FakeLocal::new(true));
+        let state_dir = crate::state::StateDir::open(temp.path()).expect("state dir");
+        let holds = Arc::new(crate::migration::Holds::open(state_dir.clone()).expect("holds"));
+        let web = application("web", 1, "serve");
+        holds.hold(web.id).expect("held");
+        let (_, desired) = watch::channel(Arc::new(crate::reconcile::DesiredState::default()));
+        let migrations = crate::migration::Migrations::new(crate::migration::MigrationContext {
+            volumes: crate::volumes::Volumes::new(temp.path().join("volumes"), true),
+            state_dir,
+            holds: Arc::clone(&holds),
+            sleep: crate::sleep::SleepTable::new(crate::driver::Wake::new()),
+            desired,
+            report: local.report(),
+            drivers: crate::reconcile::Drivers::new([]),
+            blobs: None,
+        })
+        .expect("migrations");
+        *local.migrations.lock().expect("not poisoned") = Some(migrations);
+        let (mut server, _stats, _stop, _outcome) = start(ControlConfig::default(), Arc::clone(&local), 64);
+        server.next().await;
+        server.welcome(Some(20)).await;
+        let migration_id = edgible::model::MigrationId::new();
+        let step = ServerMessage::MigrationStep {
+            migration_id,
+            step_id: 3,
+            deadline: Utc::now() + chrono::Duration::seconds(30),
+            step: edgible::protocol::v1::MigrationStep::Resume { application_id: web.id },
+        };
+        let is_result = |message: &AgentMessage| matches!(message, AgentMessage::MigrationStepResult { .. });
+        server.send(&step).await;
+        let done = AgentMessage::MigrationStepResult {
+            migration_id,
+            step_id: 3,
+            outcome: edgible::protocol::v1::StepOutcome::Done { manifest: None },
+        };
+        assert_eq!(server.until("the step's result", is_result).await, done);
+        assert!(!holds.is_held(web.id), "resumed");
+        holds.hold(web.id).expect("held again");
+        server.send(&step).await;
+        assert_eq!(server.until("the repeated step's result", is_result).await, done);
+        assert!(holds.is_held(web.id), "the repeat was answered from memory, not run again");
     }
 
     #[tokio::test]

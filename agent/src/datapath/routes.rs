@@ -5,8 +5,8 @@ use edgible::model::ApplicationProtocol;
 use crate::proxy::Route;
 use crate::reconcile::DesiredState;
 
-/// Every hostname of every desired application → its workload's port on 127.0.0.1, spliced as
-/// raw TCP for `tcp` applications. Hostnames are unique across the platform, so no two
+/// Every hostname of every desired application → its workload's port (on the address its
+/// driver gives, which the proxy asks per request), spliced as raw TCP for `tcp` applications. Hostnames are unique across the platform, so no two
 /// applications claim one name; were it to happen, the application with the smaller id wins,
 /// deterministically.
 pub fn routes(desired: &DesiredState) -> Vec<(String, Route)> {

@@ -52,6 +52,10 @@ pub struct ContainerDriverConfig {
     /// Run the engine's init (docker-init, catatonit) as PID 1 of each container, so that
     /// SIGTERM reaches workloads that do not handle signals and zombies are reaped.
     pub init: bool,
+    /// Where the volumes of applications are mounted on the host (`<state_dir>/volumes`, see
+    /// [`crate::volumes`]); each is bind-mounted into the container at its `mount_path`.
+    /// `None`: applications with volumes cannot run in containers.
+    pub volumes_dir: Option<PathBuf>,
 }
 
 impl Default for ContainerDriverConfig {
@@ -63,6 +67,7 @@ impl Default for ContainerDriverConfig {
             log_limits: LogLimits::default(),
             request_timeout: Duration::from_secs(120),
             init: true,
+            volumes_dir: None,
         }
     }
 }
@@ -108,6 +113,25 @@ impl ContainerDriver {
     fn apps(&self) -> MutexGuard<'_, HashMap<ApplicationId, AppEntry>> {
         // Nothing panics while holding this lock except on a bug; the map is still coherent.
         self.apps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The bind mounts of the application's volumes (`HOST:MOUNT_PATH`, like `docker -v`).
+    fn binds(&self, launch: &LaunchSpec) -> Result<Option<Vec<String>>, DriverError> {
+        if launch.volumes.is_empty() {
+            return Ok(None);
+        }
+        let Some(root) = &self.config.volumes_dir else {
+            return Err(DriverError::Volume("this agent has no volume directory for containers".to_owned()));
+        };
+        let binds = launch
+            .volumes
+            .iter()
+            .map(|volume| {
+                let host = crate::volumes::mount_dir(root, launch.application_id, volume.name.as_str());
+                format!("{}:{}", host.display(), volume.mount_path.as_str())
+            })
+            .collect();
+        Ok(Some(binds))
     }
 
     fn container_name(&self, application_id: ApplicationId) -> String {
@@ -180,6 +204,13 @@ impl Driver for ContainerDriver {
         WorkloadKind::Container
     }
 
+    async fn preflight(&self, launch: &LaunchSpec) -> Result<(), DriverError> {
+        let Program::Container { image, .. } = &launch.program else {
+            return Err(DriverError::WrongKind { supported: WorkloadKind::Container, requested: launch.kind() });
+        };
+        self.ensure_image(image).await
+    }
+
     async fn start(&self, launch: &LaunchSpec, wake: Wake) -> Result<WorkloadHandle, DriverError> {
         let Program::Container { image, ports } = &launch.program else {
             return Err(DriverError::WrongKind { supported: WorkloadKind::Container, requested: launch.kind() });
@@ -202,6 +233,7 @@ impl Driver for ContainerDriver {
                 (format!("{port}/tcp"), Some(vec![binding]))
             })
             .collect();
+        let binds = self.binds(launch)?;
         let body = ContainerCreateBody {
             image: Some(image.clone()),
             env: Some(launch.env.iter().map(|(name, value)| format!("{name}={value}")).collect()),
@@ -209,6 +241,7 @@ impl Driver for ContainerDriver {
             exposed_ports: Some(published.iter().map(|port| format!("{port}/tcp")).collect()),
             host_config: Some(HostConfig {
                 port_bindings: Some(port_bindings),
+                binds,
                 init: Some(self.config.init),
                 ..Default::default()
             }),

@@ -63,12 +63,19 @@ pub struct ProcessDriverConfig {
     pub max_log_file_bytes: u64,
     /// Variables copied from the agent's environment (see [`DEFAULT_INHERITED_ENV`]).
     pub inherited_env: Vec<String>,
+    /// Where the volumes of applications are mounted (`<state_dir>/volumes`, see
+    /// [`crate::volumes`]): each volume's mount point is given to the workload as
+    /// `EDGIBLE_VOLUME_<NAME>`. [`ProcessDriverConfig::new`] puts it beside `log_dir`.
+    pub volumes_dir: PathBuf,
 }
 
 impl ProcessDriverConfig {
     pub fn new(log_dir: impl Into<PathBuf>) -> Self {
+        let log_dir: PathBuf = log_dir.into();
+        let volumes_dir = log_dir.parent().unwrap_or(Path::new("/")).join(crate::volumes::VOLUMES_DIR);
         Self {
-            log_dir: log_dir.into(),
+            volumes_dir,
+            log_dir,
             stop_grace: Duration::from_secs(10),
             kill_timeout: Duration::from_secs(5),
             poll_interval: Duration::from_millis(100),
@@ -203,6 +210,7 @@ impl Driver for ProcessDriver {
             }
         }
         builder.envs(&launch.env);
+        builder.envs(crate::volumes::process_env(&self.config.volumes_dir, application_id, &launch.volumes));
         if let Some(dir) = working_dir {
             builder.current_dir(dir);
         }

@@ -14,10 +14,20 @@
 //! The workload's stdout and stderr go to two virtio consoles that QEMU appends to files in the
 //! VM's directory; tail tasks turn them into the application's logs. `/init` prints the
 //! workload's exit status on the serial console and reboots, which ends QEMU (`-no-reboot`);
-//! the driver reads the status from there. The proxy and health checks keep using
-//! `127.0.0.1:PORT`: the driver forwards that port to the guest's address (one task per VM),
-//! so the data path needs no change; [`VmDriver::guest_address`] exposes the guest address for
-//! callers that can route to it directly.
+//! the driver reads the status from there. A third console is the guest's control line (a unix
+//! socket in the VM's directory): `stop` asks `/init` to end the workload (SIGTERM, then SIGKILL),
+//! unmount the volumes and power off, so that what the workload wrote is on its volumes when
+//! the VM is gone; only a guest that does not end in time is ended by the monitor.
+//!
+//! The proxy, health checks and wake readiness reach the workload at the guest's own address
+//! ([`Driver::address`], [`VmDriver::guest_address`]) and the application's port: two guests
+//! may listen on one port. Nothing of a guest listens on the host.
+//!
+//! Volumes (`spec.storage`): each volume's ext4 image (`<state_dir>/volumes/<app>/<name>.img`,
+//! provisioned by [`crate::volumes`], never mounted on the host while the VM runs) is attached
+//! as a virtio-blk disk, in spec order, with the serial `edgible<index>`; `/init` finds each
+//! disk by its serial, mounts it at the volume's `mount_path` before the workload starts, and
+//! the workload gets `EDGIBLE_VOLUME_<NAME>=<mount_path>`, as a process workload does.
 //!
 //! A VM is recorded as [`WorkloadHandle::Vm`]: QEMU's pid and start time, its QMP socket and its
 //! network slot; its kind is the kind of workload it runs, since on a cloud host this driver
@@ -83,16 +93,20 @@ pub struct VmDriverConfig {
     pub kvm_probe_timeout: Duration,
     pub poll_interval: Duration,
     pub log_limits: LogLimits,
-    /// Forward `127.0.0.1:PORT` to the guest, for the proxy and health checks.
-    pub forward_loopback: bool,
+    /// Where the images of applications' volumes are (`<state_dir>/volumes`, see
+    /// [`crate::volumes`]). [`VmDriverConfig::new`] puts it beside `dir`.
+    pub volumes_dir: PathBuf,
     /// The container engine's API socket, whose images `container` workloads come from.
     pub container_socket: PathBuf,
 }
 
 impl VmDriverConfig {
     pub fn new(dir: impl Into<PathBuf>, kernel: impl Into<PathBuf>, modules: impl Into<PathBuf>) -> Self {
+        let dir: PathBuf = dir.into();
+        let volumes_dir = dir.parent().unwrap_or(Path::new("/")).join(crate::volumes::VOLUMES_DIR);
         Self {
-            dir: dir.into(),
+            volumes_dir,
+            dir,
             kernel: kernel.into(),
             modules: modules.into(),
             busybox: PathBuf::from("/bin/busybox"),
@@ -103,7 +117,6 @@ impl VmDriverConfig {
             kvm_probe_timeout: Duration::from_secs(10),
             poll_interval: Duration::from_millis(100),
             log_limits: LogLimits::default(),
-            forward_loopback: true,
             container_socket: PathBuf::from("/var/run/docker.sock"),
         }
     }
@@ -119,8 +132,8 @@ pub enum VmError {
     Vmm(#[from] vmm::VmmError),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
-    #[error("cannot forward 127.0.0.1:{port} to the guest: {source}")]
-    Forward { port: u16, source: std::io::Error },
+    #[error("volume {volume}: its image {path} is missing (volumes are provisioned before the start)")]
+    MissingVolume { volume: String, path: String },
     #[error("the workload is suspended and has no snapshot to restore")]
     NoSnapshot,
     #[error("container engine: cannot {action}: {source}")]
@@ -174,7 +187,6 @@ struct Instance {
     stopping: Arc<AtomicBool>,
     suspended: Arc<AtomicBool>,
     _monitor: AbortOnDrop,
-    forwarder: Option<AbortOnDrop>,
 }
 
 /// What the driver persists beside a VM, so that an agent restart can restore it.
@@ -297,15 +309,44 @@ impl VmDriver {
         apps.insert(application_id, AppEntry { logs, _tails: tails, instance: None });
     }
 
+    /// The images of the launch's volumes, in spec order; each must exist.
+    fn volume_images(&self, launch: &LaunchSpec) -> Result<Vec<PathBuf>, VmError> {
+        let images =
+            crate::volumes::image_paths(&self.inner.config.volumes_dir, launch.application_id, &launch.volumes);
+        for (volume, image) in launch.volumes.iter().zip(&images) {
+            if !image.is_file() {
+                return Err(VmError::MissingVolume {
+                    volume: volume.name.to_string(),
+                    path: image.display().to_string(),
+                });
+            }
+        }
+        Ok(images)
+    }
+
     async fn build_image(&self, launch: &LaunchSpec, dir: &Path) -> Result<PathBuf, VmError> {
         let inner = &self.inner;
         let base = inner.images.base(&inner.config.busybox, &inner.config.modules)?;
+        let mounts: Vec<image::GuestMount> = launch
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(index, volume)| image::GuestMount {
+                serial: vmm::disk_serial(index),
+                path: volume.mount_path.to_string(),
+            })
+            .collect();
+        // The workload finds each volume where the guest mounts it, as a process finds its own.
+        let mut env = launch.env.clone();
+        for volume in &launch.volumes {
+            env.insert(crate::volumes::env_name(volume.name.as_str()), volume.mount_path.to_string());
+        }
         let (layer, launch_files) = match &launch.program {
             Program::Process { command, args, working_dir } => {
                 let (app, program) = inner.images.program(command).await?;
                 let mut argv = vec![program.to_string_lossy().into_owned()];
                 argv.extend(args.iter().cloned());
-                (app, image::launch_layer(&argv, &launch.env, working_dir.as_deref())?)
+                (app, image::launch_layer(&argv, &env, working_dir.as_deref(), &mounts)?)
             }
             Program::Container { image, .. } => {
                 let (rootfs, config) = self.container_rootfs(image).await?;
@@ -315,15 +356,15 @@ impl VmDriver {
                     return Err(VmError::NoCommand(image.clone()));
                 }
                 // The image's environment, then the launch's, which wins.
-                let mut env: std::collections::BTreeMap<String, String> = config
+                let mut merged: std::collections::BTreeMap<String, String> = config
                     .env
                     .unwrap_or_default()
                     .iter()
                     .filter_map(|pair| pair.split_once('='))
                     .map(|(name, value)| (name.to_owned(), value.to_owned()))
                     .collect();
-                env.extend(launch.env.clone());
-                (rootfs, image::launch_layer(&argv, &env, config.working_dir.as_deref())?)
+                merged.extend(env);
+                (rootfs, image::launch_layer(&argv, &merged, config.working_dir.as_deref(), &mounts)?)
             }
             Program::Vm { .. } => {
                 return Err(VmError::NoCommand("a vm workload".into()));
@@ -409,6 +450,7 @@ impl VmDriver {
         let io = |source| VmError::Io { path: dir.display().to_string(), source };
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(io)?;
+        let disks = self.volume_images(launch)?;
         let initrd = self.build_image(launch, &dir).await?;
         let accel = self.accel().await?;
         let resources = launch.resources.as_ref();
@@ -421,6 +463,8 @@ impl VmDriver {
             accel,
             tap: Some((link.tap(), vmm::mac_for(link.slot))),
             dir: dir.clone(),
+            disks,
+            control: true,
         };
         let recorded = serde_json::to_vec(&Recorded { config: config.clone(), port: launch.port })
             .map_err(|error| io(std::io::Error::other(error)))?;
@@ -428,21 +472,14 @@ impl VmDriver {
         network::create_tap(&link).await?;
         self.ensure_entry(application_id, &dir, false);
         let machine = self.inner.vmm.create(&config).await?;
-        let handle = match self.supervise(launch, machine.clone(), config, link, wake) {
-            Ok(handle) => handle,
-            Err(error) => {
-                // Not supervised, so the caller's cleanup cannot see it: end it here.
-                let _ = self.inner.vmm.stop(&machine, Duration::ZERO).await;
-                return Err(error);
-            }
-        };
+        let handle = self.supervise(launch, machine.clone(), config, link, wake);
         self.refresh_firewall().await?;
         self.inner.vmm.start(&machine).await?;
         tracing::info!(application = %launch.name, pid = machine.pid, guest = %link.guest, ?accel, "started microVM");
         Ok(handle)
     }
 
-    /// Installs the instance: its monitor and its loopback forwarder.
+    /// Installs the instance and its monitor.
     fn supervise(
         &self,
         launch: &LaunchSpec,
@@ -450,17 +487,8 @@ impl VmDriver {
         config: MachineConfig,
         link: Link,
         wake: Wake,
-    ) -> Result<WorkloadHandle, VmError> {
-        let (application_id, port, runs) = (launch.application_id, launch.port, launch.kind());
-        let forwarder = if self.inner.config.forward_loopback {
-            let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
-                .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
-                .and_then(tokio::net::TcpListener::from_std)
-                .map_err(|source| VmError::Forward { port, source })?;
-            Some(AbortOnDrop::new(tokio::spawn(forward(listener, link.guest, port))))
-        } else {
-            None
-        };
+    ) -> WorkloadHandle {
+        let (application_id, runs) = (launch.application_id, launch.kind());
         let handle = handle_of(&machine, link, runs);
         let machine = Arc::new(Mutex::new(machine));
         let (exit_sender, exit) = watch::channel(None);
@@ -476,27 +504,36 @@ impl VmDriver {
             Arc::clone(&suspended),
             wake,
         ));
-        let instance = Instance {
-            runs,
-            machine,
-            config,
-            link,
-            exit,
-            stopping,
-            suspended,
-            _monitor: AbortOnDrop::new(monitor),
-            forwarder,
-        };
+        let instance =
+            Instance { runs, machine, config, link, exit, stopping, suspended, _monitor: AbortOnDrop::new(monitor) };
         if let Some(entry) = self.inner.apps().get_mut(&application_id) {
             entry.instance = Some(instance);
         }
-        Ok(handle)
+        handle
     }
 
+    /// Ends the instance's VM: the guest is asked to end its workload and power off (so that
+    /// its volumes are unmounted, their data on the images); a guest that does not within the
+    /// stop grace is ended by the monitor (QMP `quit`, then signals).
     async fn stop_instance(&self, instance: Instance) -> Result<(), DriverError> {
         instance.stopping.store(true, Ordering::SeqCst);
         let machine = lock(&instance.machine).clone();
-        let result = self.inner.vmm.stop(&machine, self.inner.config.stop_grace).await;
+        let grace = self.inner.config.stop_grace;
+        let started = tokio::time::Instant::now();
+        if instance.config.control && machine.alive() {
+            match ask_guest_to_stop(&instance.config.control_line(), grace).await {
+                // The line stays open until the guest is gone: what was written on it is then
+                // surely read.
+                Ok(_line) => {
+                    if vmm::wait_gone(&machine, grace).await {
+                        tracing::debug!(pid = machine.pid, "the guest powered off");
+                    }
+                }
+                Err(error) => tracing::warn!(pid = machine.pid, %error, "cannot ask the guest to stop"),
+            }
+        }
+        let left = grace.saturating_sub(started.elapsed());
+        let result = self.inner.vmm.stop(&machine, left).await;
         let _ = std::fs::remove_file(instance.config.dir.join("snapshot"));
         let link = instance.link;
         drop(instance);
@@ -594,6 +631,13 @@ impl Driver for VmDriver {
         }
     }
 
+    fn address(&self, application_id: ApplicationId) -> Option<std::net::IpAddr> {
+        let apps = self.inner.apps();
+        let instance = apps.get(&application_id)?.instance.as_ref()?;
+        let running = instance.exit.borrow().is_none();
+        running.then_some(std::net::IpAddr::V4(instance.link.guest))
+    }
+
     async fn adopt(&self, launch: &LaunchSpec, handle: &WorkloadHandle, wake: Wake) -> Result<(), DriverError> {
         let WorkloadHandle::Vm { pid, start_time, control, slot, .. } = handle else {
             return Err(DriverError::WrongKind { supported: WorkloadKind::Vm, requested: handle.kind() });
@@ -618,10 +662,7 @@ impl Driver for VmDriver {
             allocator.link(*slot).ok_or(DriverError::NotRunning)?
         };
         self.ensure_entry(launch.application_id, &dir, true);
-        if let Err(error) = self.supervise(launch, machine, recorded.config, link, wake) {
-            lock(&self.inner.allocator).release(link.slot);
-            return Err(error.into());
-        }
+        self.supervise(launch, machine, recorded.config, link, wake);
         self.refresh_firewall().await.map_err(DriverError::from)?;
         tracing::info!(application = %launch.name, pid, "adopted running microVM");
         Ok(())
@@ -635,6 +676,12 @@ impl Driver for VmDriver {
     }
 
     async fn stop(&self, application_id: ApplicationId) -> Result<(), DriverError> {
+        // A suspended guest cannot end its workload: it runs again first (restored, if its
+        // QEMU is gone), so that what it had not written to its volumes yet is written.
+        let suspended = self.controls(application_id).is_some_and(|controls| controls.suspended.load(Ordering::SeqCst));
+        if suspended && let Err(error) = self.resume(application_id).await {
+            tracing::warn!(application = %application_id, %error, "cannot resume a suspended VM to stop it cleanly");
+        }
         let instance = self.inner.apps().get_mut(&application_id).and_then(|entry| entry.instance.take());
         match instance {
             Some(instance) => self.stop_instance(instance).await,
@@ -670,15 +717,9 @@ impl Driver for VmDriver {
     }
 
     async fn release_all(&self) {
-        // Dropping the entries aborts monitors, forwarders and tails; the VMs keep running,
-        // and their taps and firewall rules stay for the next agent. The forwarders are waited
-        // for, so their loopback ports are free for the next agent when this returns.
-        let entries: Vec<AppEntry> = self.inner.apps().drain().map(|(_, entry)| entry).collect();
-        for entry in entries {
-            if let Some(forwarder) = entry.instance.and_then(|instance| instance.forwarder) {
-                forwarder.abort_and_wait().await;
-            }
-        }
+        // Dropping the entries aborts monitors and tails; the VMs keep running, and their taps
+        // and firewall rules stay for the next agent.
+        self.inner.apps().clear();
     }
 
     fn status(&self, application_id: ApplicationId) -> WorkloadStatus {
@@ -785,28 +826,21 @@ pub fn exit_code(serial: &str) -> Option<i32> {
     serial.lines().rev().find_map(|line| line.trim().strip_prefix(image::EXIT_MARKER)?.trim().parse().ok())
 }
 
-/// Forwards connections on a loopback port to the guest. The connections live in this task:
-/// when it is aborted (the VM stopped) they are closed with it, so a client holding one (the
-/// proxy's pool of kept-alive connections) learns at once that the guest is gone, rather than
-/// at its next request.
-async fn forward(listener: tokio::net::TcpListener, guest: Ipv4Addr, port: u16) {
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            Some(_) = connections.join_next() => continue,
-        };
-        let Ok((mut inbound, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        connections.spawn(async move {
-            let connect = tokio::net::TcpStream::connect((guest, port));
-            if let Ok(Ok(mut outbound)) = tokio::time::timeout(Duration::from_secs(10), connect).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            }
-        });
-    }
+/// Writes `stop` on the guest's control line, with how long `/init` gives the workload after
+/// SIGTERM before SIGKILL (in tenths of a second): about half the grace, so that unmounting
+/// and powering off fit in the rest.
+async fn ask_guest_to_stop(control_line: &Path, grace: Duration) -> std::io::Result<tokio::net::UnixStream> {
+    use tokio::io::AsyncWriteExt;
+    let tenths = (grace.as_millis() / 200).clamp(1, 6000);
+    let exchange = async {
+        let mut line = tokio::net::UnixStream::connect(control_line).await?;
+        line.write_all(format!("{}{tenths}\n", image::STOP_COMMAND).as_bytes()).await?;
+        line.flush().await?;
+        Ok(line)
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the control line did not accept")))
 }
 
 /// Turns a console file into log lines. QEMU appends to it, so reading on from an offset

@@ -1,9 +1,11 @@
 //! The reverse proxy service: one per TLS connection, forwarding each request to the workload
-//! on `127.0.0.1:PORT` over HTTP/1.1 with streaming bodies both ways and upgrade pass-through,
-//! once the application's access policies ([`super::access`]) let it through.
+//! (at its port on the address its driver gives, asked per request once the application is
+//! awake: `127.0.0.1`, or a microVM's guest address) over HTTP/1.1 with streaming bodies both
+//! ways and upgrade pass-through, once the application's access policies ([`super::access`])
+//! let it through.
 
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +25,7 @@ use edgible::model::ApplicationId;
 use super::ProxyMetrics;
 use super::access::pages::page;
 use super::access::{AccessControl, Visit};
-use crate::sleep::{Counters, SleepTable, WakeError};
+use crate::sleep::{Counters, Gate, InFlight, SleepTable, WakeError};
 
 /// The body of every answer: the workload's streamed body, or a small page of our own.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -53,7 +55,7 @@ pub struct RequestContext {
     pub server_name: String,
     /// The real client address, from the PROXY v2 header.
     pub client: SocketAddr,
-    /// The workload's port on 127.0.0.1.
+    /// The workload's port.
     pub port: u16,
     /// Kept-alive connections to the workloads, shared by every connection of the proxy.
     pub upstream: Upstream,
@@ -103,6 +105,19 @@ impl ProxyService {
                 "This host is not served on this connection.",
             ));
         };
+        // Migrations (see `crate::migration`): a quiesced application refuses new requests, a
+        // draining one ends HTTP/1 connections after each answer; both count what is in flight.
+        let http1 = request.version() < Version::HTTP_2;
+        let mut close = false;
+        let mut in_flight = None;
+        if let Some(sleep) = &context.sleep {
+            match sleep.table.gate(sleep.application_id) {
+                Gate::Refuse => return Ok(quiesced(http1)),
+                Gate::Close => close = http1,
+                Gate::Open => {}
+            }
+            in_flight = Some(InFlight::new(sleep.counters.clone()));
+        }
         let visit = Visit::now(&context.server_name, context.client);
         let mut request = match context.access.authorize(request, &visit).await {
             Ok(request) => request,
@@ -119,12 +134,20 @@ impl ProxyService {
                 return Ok(wake_failed(&request, &error));
             }
         }
+        let Some(workload) = self.workload() else {
+            ProxyMetrics::count(&context.metrics.bad_gateway);
+            return Ok(page(
+                StatusCode::BAD_GATEWAY,
+                "Bad gateway",
+                "The application is not running right now. Please try again in a moment.",
+            ));
+        };
         let upgrade = upgrade_protocol(&request);
         // Must be taken before the request is consumed: it resolves once hyper has sent our
         // 101 answer and hands over the client's raw stream.
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
 
-        let upstream_request = match self.upstream_request(request, &authority, upgrade) {
+        let upstream_request = match self.upstream_request(request, &authority, upgrade, workload) {
             Ok(upstream_request) => upstream_request,
             Err(error) => {
                 debug!(%error, "cannot rebuild the request for the workload");
@@ -135,7 +158,7 @@ impl ProxyService {
             Ok(response) => response,
             Err(error) => {
                 ProxyMetrics::count(&context.metrics.bad_gateway);
-                debug!(port = context.port, %error, "workload unreachable");
+                debug!(%workload, %error, "workload unreachable");
                 return Ok(page(
                     StatusCode::BAD_GATEWAY,
                     "Bad gateway",
@@ -175,7 +198,10 @@ impl ProxyService {
             }
             _ => strip_hop_by_hop(response.headers_mut()),
         }
-        Ok(response.map(BodyExt::boxed))
+        if close {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok(response.map(|body| InFlightBody { body, _in_flight: in_flight }.boxed()))
     }
 
     /// The request as the workload sees it: origin-form URI over HTTP/1.1, the client's host,
@@ -186,16 +212,13 @@ impl ProxyService {
         request: Request<Incoming>,
         authority: &str,
         upgrade: Option<HeaderValue>,
+        workload: SocketAddr,
     ) -> Result<Request<Incoming>, http::Error> {
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |path| path.as_str());
         // Absolute, so the pool knows which workload; the workload itself is sent the origin
         // form.
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(format!("{}:{}", Ipv4Addr::LOCALHOST, self.context.port))
-            .path_and_query(path)
-            .build()?;
+        parts.uri = Uri::builder().scheme("http").authority(workload.to_string()).path_and_query(path).build()?;
         parts.version = Version::HTTP_11;
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
@@ -212,11 +235,64 @@ impl ProxyService {
         Ok(Request::from_parts(parts, body))
     }
 
+    /// Where the workload listens now: its driver's address (the application's, once awake),
+    /// or `127.0.0.1` for a connection whose application the proxy does not know.
+    fn workload(&self) -> Option<SocketAddr> {
+        let host = match &self.context.sleep {
+            Some(sleep) => sleep.table.address(sleep.application_id)?,
+            None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        Some(SocketAddr::new(host, self.context.port))
+    }
+
     /// Sends the request to the workload on a kept-alive connection (a new one when none is
     /// idle; a request that found its pooled connection closed by the workload is sent again
     /// on a fresh one before anything of it was written).
     async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
         self.context.upstream.request(request).await.map_err(UpstreamError)
+    }
+}
+
+/// The 503 answer while a migration has quiesced the application: try again in a second
+/// (by then the application answers from its new device, or here again).
+fn quiesced(http1: bool) -> Response<ProxyBody> {
+    let message = "The application is moving and answers again in a moment.\n";
+    let body = http_body_util::Full::new(Bytes::from(message)).map_err(|never| match never {}).boxed();
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    if http1 {
+        // HTTP/2 has no connection-specific headers.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// A response body that counts its request in flight until it has been sent (or dropped).
+struct InFlightBody<B> {
+    body: B,
+    _in_flight: Option<InFlight>,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -247,7 +323,7 @@ fn wake_failed<B>(request: &Request<B>, error: &WakeError) -> Response<ProxyBody
 #[error("the exchange with the workload failed: {0}")]
 struct UpstreamError(hyper_util::client::legacy::Error);
 
-/// The proxy's client of the workloads: HTTP/1.1 to `127.0.0.1:<port>`, connections kept
+/// The proxy's client of the workloads: HTTP/1.1 to each workload's address, connections kept
 /// alive and reused request after request, as a reverse proxy in front of a local server
 /// should (a new TCP connection and task per request cost as much as the rest of the request).
 pub type Upstream = hyper_util::client::legacy::Client<HttpConnector, Incoming>;

@@ -37,8 +37,10 @@ use crate::driver::{Driver, ExitInfo, LaunchSpec, Wake, WorkloadHandle, Workload
 use crate::events::EventLog;
 use crate::health::{HealthConfig, HealthMonitor, HealthState};
 use crate::logs::LogBuffer;
+use crate::migration::Holds;
 use crate::sleep::{SleepState, SleepTable, WakeWorkload};
 use crate::state::{PersistedState, StateDir, StateError, StateLock, WorkloadRecord};
+use crate::volumes::{VOLUMES_DIR, Volumes};
 
 #[derive(Debug, Clone)]
 pub struct ReconcilerConfig {
@@ -93,6 +95,18 @@ impl Drivers {
 
     pub fn kinds(&self) -> Vec<WorkloadKind> {
         self.0.keys().copied().collect()
+    }
+
+    /// Where the application's workload listens, from whichever driver runs it; `None` while
+    /// none does.
+    pub fn address(&self, application_id: ApplicationId) -> Option<std::net::IpAddr> {
+        self.0.values().find_map(|driver| driver.address(application_id))
+    }
+}
+
+impl crate::sleep::WorkloadAddresses for Drivers {
+    fn address(&self, application_id: ApplicationId) -> Option<std::net::IpAddr> {
+        Drivers::address(self, application_id)
     }
 }
 
@@ -190,6 +204,10 @@ pub struct Reconciler {
     sleep: Arc<SleepTable>,
     /// The applications asleep and how.
     sleeping: BTreeMap<ApplicationId, SleepMode>,
+    /// Applications a migration quiesced: kept stopped, across restarts, until resumed.
+    holds: Arc<Holds>,
+    /// Provisions each application's volumes before its workload starts.
+    volumes: Volumes,
 }
 
 impl Reconciler {
@@ -220,7 +238,16 @@ impl Reconciler {
         let wake = Wake::new();
         let sleep = SleepTable::new(wake.clone());
         sleep.set_applications(persisted.desired.applications.values());
+        let holds = Arc::new(Holds::open(state_dir.clone())?);
+        holds.set_wake(wake.clone());
+        for application_id in holds.all() {
+            // Held across the restart: the proxy keeps refusing it until resumed.
+            sleep.set_gate(application_id, crate::sleep::Gate::Refuse);
+        }
+        let volumes = Volumes::new(state_dir.root().join(VOLUMES_DIR), true);
         Ok(Self {
+            holds,
+            volumes,
             sleep,
             sleeping: BTreeMap::new(),
             desired_watch,
@@ -239,6 +266,22 @@ impl Reconciler {
             report,
             last_saved: Vec::new(),
         })
+    }
+
+    /// Provisions volumes with `volumes` instead of mounting them below the state directory
+    /// (a cloud host, whose images are attached to microVMs and never mounted on the host).
+    pub fn with_volumes(mut self, volumes: Volumes) -> Self {
+        self.volumes = volumes;
+        self
+    }
+
+    /// The holds of quiesced applications, shared with the migration steps.
+    pub fn holds(&self) -> Arc<Holds> {
+        Arc::clone(&self.holds)
+    }
+
+    pub fn volumes(&self) -> Volumes {
+        self.volumes.clone()
     }
 
     /// Replaces the random source of backoff jitter (for tests).
@@ -293,7 +336,9 @@ impl Reconciler {
         self.observe(now).await;
         self.fall_asleep(now).await;
         let mut awake = self.desired.clone();
-        awake.applications.retain(|application_id, _| self.sleeping.get(application_id) != Some(&SleepMode::Stop));
+        awake.applications.retain(|application_id, _| {
+            self.sleeping.get(application_id) != Some(&SleepMode::Stop) && !self.holds.is_held(*application_id)
+        });
         let changes = plan(&awake, &self.actual());
         let mut jobs = Vec::new();
         for change in changes {
@@ -302,7 +347,9 @@ impl Reconciler {
                 self.resume(change.application_id(), "its spec changed").await;
             }
             if !self.gated(&change, now) {
-                jobs.push(self.job(change));
+                let held = self.holds.is_held(change.application_id());
+                let job = self.job(change);
+                jobs.push(if held { Job { stop_cause: StopCause::Held, ..job } } else { job });
             }
         }
         let outcomes = futures::future::join_all(jobs.into_iter().map(|job| job.run())).await;
@@ -400,6 +447,9 @@ impl Reconciler {
         let Some(application) = self.desired.applications.get(&application_id).cloned() else {
             return Err("the application is no longer placed on this device".to_owned());
         };
+        if self.holds.is_held(application_id) {
+            return Err("the application is stopped for a migration".to_owned());
+        }
         let readiness = Readiness { port: application.spec.port, health_check: application.spec.health_check.clone() };
         match self.sleeping.remove(&application_id) {
             None => Ok(readiness),
@@ -422,7 +472,7 @@ impl Reconciler {
             }
             Some(SleepMode::Stop) => {
                 let job = self.job(Change::Start { application: application.clone() });
-                let outcome = start(application.clone(), Vec::new(), job.driver, None, job.wake).await;
+                let outcome = start(application.clone(), Vec::new(), job.driver, None, job.wake, job.volumes).await;
                 let started = matches!(outcome, Outcome::Started { .. });
                 let error = match &outcome {
                     Outcome::StartFailed { error, .. } => error.clone(),
@@ -551,7 +601,14 @@ impl Reconciler {
                 previous.as_ref().and_then(|previous| previous.driver.clone())
             }
         };
-        Job { change, driver, previous, wake: self.wake.clone(), stop_cause: StopCause::Removed }
+        Job {
+            change,
+            driver,
+            previous,
+            wake: self.wake.clone(),
+            stop_cause: StopCause::Removed,
+            volumes: self.volumes.clone(),
+        }
     }
 
     fn absorb(&mut self, outcome: Outcome, now: Instant) {
@@ -634,6 +691,7 @@ impl Reconciler {
                 let name = tracked.as_ref().map(|tracked| tracked.launch.name.to_string()).unwrap_or_default();
                 let why = match cause {
                     StopCause::Removed => "no longer placed on this device",
+                    StopCause::Held => "quiesced for a migration",
                     StopCause::Shutdown => "the agent is shutting down",
                 };
                 self.events.record(Some(application_id), format!("{name} stopped: {why}"));
@@ -658,10 +716,13 @@ impl Reconciler {
         }
     }
 
+    /// Checks the workload where its driver says it listens now (a microVM's guest address
+    /// is fixed while that VM runs; a new VM gets a new monitor).
     fn health_monitor(&self, application: &Application) -> HealthMonitor {
+        let address = self.drivers.address(application.id);
         HealthMonitor::spawn(
             application.spec.health_check.clone(),
-            application.spec.port,
+            address.map(|host| std::net::SocketAddr::new(host, application.spec.port)),
             self.config.health,
             self.wake.clone(),
         )
@@ -679,6 +740,15 @@ impl Reconciler {
     }
 
     fn status(&self, application: &Application, now: Instant) -> ApplicationStatus {
+        if self.holds.is_held(application.id) && !self.workloads.contains_key(&application.id) {
+            let message = Some("stopped for a migration".to_owned());
+            return ApplicationStatus {
+                application_id: application.id,
+                revision: application.revision,
+                phase: Phase::Stopped,
+                message,
+            };
+        }
         if let Some(mode) = self.sleeping.get(&application.id) {
             let how = match mode {
                 SleepMode::Stop => "stopped",
@@ -839,7 +909,12 @@ impl Reconciler {
         let drivers = self.drivers.clone();
         let events = self.events.clone();
         let sleep = self.sleep_table();
-        sleep.set_waker(Arc::new(ReconcilerWaker { commands: commands.downgrade(), report: report.clone() }));
+        sleep.set_waker(Arc::new(ReconcilerWaker {
+            commands: commands.downgrade(),
+            report: report.clone(),
+            drivers: drivers.clone(),
+        }));
+        sleep.set_addresses(Arc::new(drivers.clone()));
         let task = tokio::spawn(self.run(receiver));
         ReconcilerHandle { commands, report, desired, drivers, events, sleep, task }
     }
@@ -907,6 +982,8 @@ struct ReconcilerWaker {
     commands: mpsc::WeakSender<Command>,
     /// A workload that fails while waking fails the wake at once, not at its timeout.
     report: watch::Receiver<AgentReport>,
+    /// Where the woken workload listens (a microVM's address may change with each start).
+    drivers: Drivers,
 }
 
 #[async_trait::async_trait]
@@ -919,12 +996,18 @@ impl WakeWorkload for ReconcilerWaker {
         let readiness = answer.await.map_err(|_| "the agent is shutting down".to_owned())??;
         // The caller bounds the whole wake in time; the count bounds it here too.
         for _ in 0..60_000 {
-            let ready = match &readiness.health_check {
-                Some(check) => crate::health::probe(check, readiness.port, Duration::from_secs(1)).await,
-                None => tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, readiness.port))
-                    .await
-                    .map(drop)
-                    .map_err(|error| error.to_string()),
+            let ready = match self.drivers.address(application_id) {
+                None => Err("no workload runs yet".to_owned()),
+                Some(host) => {
+                    let address = std::net::SocketAddr::new(host, readiness.port);
+                    match &readiness.health_check {
+                        Some(check) => crate::health::probe(check, address, Duration::from_secs(1)).await,
+                        None => tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(address))
+                            .await
+                            .map_err(|_| format!("connecting to {address} timed out"))
+                            .and_then(|connected| connected.map(drop).map_err(|error| error.to_string())),
+                    }
+                }
             };
             if ready.is_ok() {
                 return Ok(());
@@ -1016,6 +1099,7 @@ struct Job {
     previous: Option<Previous>,
     wake: Wake,
     stop_cause: StopCause,
+    volumes: Volumes,
 }
 
 /// Why a workload is stopped, for its event.
@@ -1023,6 +1107,8 @@ struct Job {
 enum StopCause {
     Removed,
     Shutdown,
+    /// A migration quiesced the application.
+    Held,
 }
 
 enum Outcome {
@@ -1037,10 +1123,12 @@ enum Outcome {
 
 impl Job {
     async fn run(self) -> Outcome {
-        let Job { change, driver, previous, wake, stop_cause } = self;
+        let Job { change, driver, previous, wake, stop_cause, volumes } = self;
         match change {
-            Change::Start { application } => start(application, Vec::new(), driver, previous, wake).await,
-            Change::Restart { application, reasons } => start(application, reasons, driver, previous, wake).await,
+            Change::Start { application } => start(application, Vec::new(), driver, previous, wake, volumes).await,
+            Change::Restart { application, reasons } => {
+                start(application, reasons, driver, previous, wake, volumes).await
+            }
             Change::Adopt { application } => {
                 let (Some(driver), Some(previous)) = (driver, previous) else {
                     return Outcome::AdoptFailed {
@@ -1086,6 +1174,7 @@ async fn start(
     driver: Option<Arc<dyn Driver>>,
     previous: Option<Previous>,
     wake: Wake,
+    volumes: Volumes,
 ) -> Outcome {
     let launch = LaunchSpec::from_application(&application);
     let had_previous = previous.is_some();
@@ -1102,6 +1191,11 @@ async fn start(
         let error = format!("this agent cannot run {} workloads", launch.kind());
         return Outcome::StartFailed { application, launch, error, previous_stopped: had_previous };
     };
+    // Volumes exist (and are mounted, but on a cloud host) before the workload starts; data
+    // of earlier runs is kept.
+    if let Err(error) = volumes.provision(application.id, &launch.volumes).await {
+        return Outcome::StartFailed { application, launch, error: error.to_string(), previous_stopped: had_previous };
+    }
     match driver.start(&launch, wake).await {
         Ok(handle) => Outcome::Started { application, launch, handle, reasons },
         Err(error) => {

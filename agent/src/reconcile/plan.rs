@@ -77,7 +77,8 @@ impl Change {
 pub enum RestartReason {
     /// Process, container or VM: a different driver runs it now.
     KindChanged,
-    /// The command, arguments, working directory, image or published ports changed.
+    /// The command, arguments, working directory, image, published ports, resources or
+    /// volumes changed.
     ProgramChanged,
     EnvChanged,
     PortChanged,
@@ -109,8 +110,12 @@ pub fn launch_differences(running: &LaunchSpec, desired: &LaunchSpec) -> Vec<Res
     let mut reasons = Vec::new();
     if running.kind() != desired.kind() {
         reasons.push(RestartReason::KindChanged);
-    } else if running.program != desired.program || running.resources != desired.resources {
-        // A VM's size is part of what runs: new limits need a new guest.
+    } else if running.program != desired.program
+        || running.resources != desired.resources
+        || running.volumes != desired.volumes
+    {
+        // A VM's size is part of what runs: new limits need a new guest. New volumes are
+        // provisioned (or grown) at the start.
         reasons.push(RestartReason::ProgramChanged);
     }
     if running.env != desired.env {

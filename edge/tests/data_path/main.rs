@@ -9,5 +9,6 @@ mod end_to_end_tls;
 mod http_port;
 mod limits;
 mod refusals;
+mod resumption;
 mod routing;
 mod support;

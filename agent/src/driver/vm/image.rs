@@ -8,7 +8,8 @@
 //!   loader maps for it ([`super::deps`]), at the same paths as on the host.
 //! - The root filesystem of a `container` workload's image, exported through the engine
 //!   (read by [`super::tar`]).
-//! - The launch layer: the environment, the command line and the working directory.
+//! - The launch layer: the environment, the command line, the working directory and the
+//!   volumes to mount (each disk's serial and mount path).
 //!
 //! What the agent adds lives below `/.edgible` (busybox, modules, launch files), so that a
 //! container's own `/bin` and `/etc` are never shadowed.
@@ -28,13 +29,25 @@ use super::deps::{self, DepsError};
 use super::tar::{TarEntry, TarError};
 
 /// The virtio modules the guest inserts, in dependency order.
+/// (`ext4` is built into Debian's cloud kernel; `virtio_blk` carries the volumes.)
 pub const MODULES: &[&str] =
-    &["virtio_ring", "virtio", "virtio_mmio", "failover", "net_failover", "virtio_net", "virtio_console"];
+    &["virtio_ring", "virtio", "virtio_mmio", "failover", "net_failover", "virtio_net", "virtio_console", "virtio_blk"];
 
 /// What the guest prints on its serial console once the workload ended, before it reboots.
 pub const EXIT_MARKER: &str = "EDGIBLE_EXIT ";
 /// What a probing guest prints on its serial console as soon as `/init` runs.
 pub const PROBE_MARKER: &str = "EDGIBLE_PROBE_OK";
+/// What the host writes on the guest's control line (`/dev/hvc2`) to stop the workload, followed
+/// by how long, in tenths of a second, the workload has between SIGTERM and SIGKILL.
+pub const STOP_COMMAND: &str = "stop ";
+
+/// A volume the guest mounts before the workload starts: the disk with this virtio serial
+/// (ext4), at `path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestMount {
+    pub serial: String,
+    pub path: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -57,6 +70,13 @@ pub enum ImageError {
 /// The guest's `/init`. It runs as pid 1 with nothing but the initramfs. The initramfs is
 /// already in memory and writable, so `/tmp` gets no tmpfs of its own: one would hide a
 /// workload that the host keeps under `/tmp` (its command is copied to the same path).
+///
+/// Volumes (`/.edgible/volumes`: a serial and a mount path per line) are mounted before the
+/// workload starts; one that cannot be mounted ends the guest with status 125 before the
+/// workload runs. A `stop N` on the control line (`/dev/hvc2`) sends the workload SIGTERM,
+/// then SIGKILL after N tenths of a second. Whichever way the workload ends, every process left
+/// is killed, the volumes are unmounted (their data written to the disks) and the guest powers
+/// off.
 const INIT: &str = r#"#!/.edgible/busybox sh
 /.edgible/busybox mkdir -p /proc /sys /dev /tmp /run /.edgible/bin
 /.edgible/busybox --install -s /.edgible/bin
@@ -84,12 +104,52 @@ if [ -n "$addr" ]; then
 fi
 [ -e /bin/sh ] || { mkdir -p /bin && ln -s /.edgible/busybox /bin/sh; }
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /dev/hvc1 ] && break; sleep 0.1; done
+disk() {
+  for block in /sys/block/vd*; do
+    [ "$(cat "$block/serial" 2>/dev/null)" = "$1" ] && { echo "/dev/${block##*/}"; return 0; }
+  done
+  return 1
+}
+if [ -s /.edgible/volumes ]; then
+  while read -r serial target; do
+    device=""
+    for i in $(seq 1 50); do device="$(disk "$serial")" && [ -b "$device" ] && break; sleep 0.1; done
+    if ! { [ -b "$device" ] && mkdir -p "$target" && mount -t ext4 "$device" "$target"; }; then
+      echo "edgible: cannot mount volume $serial at $target"
+      echo "EDGIBLE_EXIT 125"
+      reboot -f
+    fi
+  done < /.edgible/volumes
+fi
 . /.edgible/env
 mkdir -p "$(cat /.edgible/workdir)"
 cd "$(cat /.edgible/workdir)"
 echo "edgible: starting the workload"
-/.edgible/busybox sh /.edgible/run </dev/null >/dev/hvc0 2>/dev/hvc1
-echo "EDGIBLE_EXIT $?"
+/.edgible/busybox sh /.edgible/run </dev/null >/dev/hvc0 2>/dev/hvc1 &
+workload=$!
+if [ -e /dev/hvc2 ]; then
+  (
+    exec 3</dev/hvc2
+    stty -F /dev/hvc2 -echo 2>/dev/null
+    while read -r command limit <&3; do [ "$command" = stop ] && break; done
+    echo "edgible: stopping the workload"
+    kill -TERM "$workload" 2>/dev/null
+    i=0
+    while kill -0 "$workload" 2>/dev/null && [ "$i" -lt "${limit:-50}" ]; do sleep 0.1; i=$((i + 1)); done
+    kill -KILL "$workload" 2>/dev/null
+  ) </dev/null >/dev/null 2>&1 &
+fi
+wait "$workload"
+status=$?
+echo "EDGIBLE_EXIT $status"
+kill -TERM -1 2>/dev/null
+sleep 0.1
+kill -KILL -1 2>/dev/null
+if [ -s /.edgible/volumes ]; then
+  while read -r serial target; do
+    umount "$target" 2>/dev/null || mount -o remount,ro "$target" 2>/dev/null
+  done < /.edgible/volumes
+fi
 sync
 reboot -f
 "#;
@@ -197,11 +257,13 @@ pub fn container_layer(cache: &ImageCache, key: &str, tar: &[u8]) -> Result<Path
     Ok(path)
 }
 
-/// The launch layer: `/.edgible/{env,run,workdir}`; `argv` is the program and its arguments.
+/// The launch layer: `/.edgible/{env,run,workdir,volumes}`; `argv` is the program and its
+/// arguments, `mounts` the volumes in the order of their disks.
 pub fn launch_layer(
     argv: &[String],
     env: &std::collections::BTreeMap<String, String>,
     working_dir: Option<&str>,
+    mounts: &[GuestMount],
 ) -> Result<Vec<u8>, ImageError> {
     let mut environment = String::new();
     for (name, value) in env {
@@ -218,6 +280,8 @@ pub fn launch_layer(
     archive.add(".edgible/run", Entry::File { mode: 0o755, data: run.into_bytes() })?;
     let workdir = working_dir.filter(|dir| !dir.is_empty()).unwrap_or("/");
     archive.add(".edgible/workdir", Entry::File { mode: 0o644, data: format!("{workdir}\n").into_bytes() })?;
+    let volumes: String = mounts.iter().map(|mount| format!("{} {}\n", mount.serial, mount.path)).collect();
+    archive.add(".edgible/volumes", Entry::File { mode: 0o644, data: volumes.into_bytes() })?;
     Ok(archive.finish())
 }
 
@@ -306,11 +370,17 @@ mod tests {
     fn the_launch_layer_exports_the_environment_and_execs_the_program() {
         let env = [("PORT".to_owned(), "8080".to_owned()), ("GREETING".to_owned(), "it's".to_owned())].into();
         let argv = ["/usr/bin/app".to_owned(), "-v".to_owned()];
-        let bytes = launch_layer(&argv, &env, None).unwrap();
+        let mounts = [
+            GuestMount { serial: "edgible0".into(), path: "/var/lib/data".into() },
+            GuestMount { serial: "edgible1".into(), path: "/cache".into() },
+        ];
+        let bytes = launch_layer(&argv, &env, None, &mounts).unwrap();
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("export GREETING='it'\\''s'\nexport PORT='8080'\n"), "{text}");
         assert!(text.contains(".edgible/workdir"), "{text}");
         assert!(text.contains("exec '/usr/bin/app' '-v'\n"), "{text}");
+        assert!(text.contains(".edgible/volumes"), "{text}");
+        assert!(text.contains("edgible0 /var/lib/data\nedgible1 /cache\n"), "{text}");
     }
 
     #[test]

@@ -45,11 +45,16 @@ impl Link {
     }
 }
 
-/// Hands out /30s of a network by slot number.
+/// Hands out /30s of a network by slot number, round robin: the first free slot after the one
+/// handed out last. The proxy reaches a guest at its address, so an address freed by a stopped
+/// VM is taken again by another application's VM as late as possible, never at once (a stale
+/// address, a pooled connection to it, finds nothing rather than another tenant's guest).
 #[derive(Debug, Clone)]
 pub struct Allocator {
     network: Ipv4Net,
     used: BTreeSet<u32>,
+    /// Where the search for the next free slot starts.
+    next: u32,
 }
 
 impl Allocator {
@@ -57,7 +62,7 @@ impl Allocator {
         if network.prefix_len() > 30 {
             return Err(NetworkError::TooSmall { network });
         }
-        Ok(Self { network: network.trunc(), used: BTreeSet::new() })
+        Ok(Self { network: network.trunc(), used: BTreeSet::new(), next: 0 })
     }
 
     fn slots(&self) -> u32 {
@@ -73,12 +78,15 @@ impl Allocator {
         Some(Link { slot, host: Ipv4Addr::from(base + 1), guest: Ipv4Addr::from(base + 2) })
     }
 
-    /// The lowest free slot's link, now taken.
+    /// The next free slot's link, now taken.
     pub fn allocate(&mut self) -> Result<Link, NetworkError> {
-        let slot = (0..self.slots())
+        let slots = self.slots();
+        let slot = (0..slots)
+            .map(|offset| (self.next % slots + offset) % slots)
             .find(|slot| !self.used.contains(slot))
             .ok_or(NetworkError::Exhausted { network: self.network, slots: self.used.len() })?;
         self.used.insert(slot);
+        self.next = (slot + 1) % slots;
         // In range: `find` only yields slots below `slots()`.
         self.link(slot).ok_or(NetworkError::Exhausted { network: self.network, slots: self.used.len() })
     }
@@ -215,11 +223,16 @@ mod tests {
         assert_eq!((second.host, second.guest), ("198.51.100.5".parse().unwrap(), "198.51.100.6".parse().unwrap()));
         assert_eq!(second.tap(), "edgvm1");
         allocator.release(0);
-        assert_eq!(allocator.allocate().unwrap().slot, 0, "the lowest free slot is reused");
+        assert_eq!(allocator.allocate().unwrap().slot, 2, "a freed slot is not handed out again at once");
         assert!(!allocator.claim(1), "taken");
         assert!(allocator.claim(63));
         assert!(!allocator.claim(64), "out of range for a /24");
         assert_eq!(allocator.link(63).unwrap().guest, "198.51.100.254".parse::<Ipv4Addr>().unwrap());
+        for expected in 3..63 {
+            assert_eq!(allocator.allocate().unwrap().slot, expected);
+        }
+        assert_eq!(allocator.allocate().unwrap().slot, 0, "wrapping around to the freed slot");
+        assert!(matches!(allocator.allocate(), Err(NetworkError::Exhausted { slots: 64, .. })));
     }
 
     #[test]

@@ -73,6 +73,15 @@ pub struct MachineConfig {
     pub tap: Option<(String, String)>,
     /// The directory with the control socket and the console files.
     pub dir: PathBuf,
+    /// Raw disk images attached as virtio-blk disks in this order, the `N`th with the serial
+    /// [`disk_serial`]`(N)` (the application's volumes).
+    #[serde(default)]
+    pub disks: Vec<PathBuf>,
+    /// Whether the guest has a control line (a third virtio console on a unix socket, see
+    /// [`MachineConfig::control_line`]). Recorded, so that a machine booted without one is
+    /// restored without one.
+    #[serde(default)]
+    pub control: bool,
 }
 
 impl MachineConfig {
@@ -90,6 +99,11 @@ impl MachineConfig {
 
     pub fn stderr_log(&self) -> PathBuf {
         self.dir.join("stderr.log")
+    }
+
+    /// The unix socket of the guest's control line (`/dev/hvc2` in the guest).
+    pub fn control_line(&self) -> PathBuf {
+        self.dir.join("control.sock")
     }
 
     pub fn kernel_cmdline(&self) -> String {
@@ -149,6 +163,16 @@ impl MachineConfig {
             args.extend(["-chardev".into(), format!("file,id={id},path={},append=on", path(file))]);
             args.extend(["-device".into(), format!("virtconsole,chardev={id}")]);
         }
+        if self.control {
+            let line = option_value(&path(self.control_line()));
+            args.extend(["-chardev".into(), format!("socket,id=ctl,path={line},server=on,wait=off")]);
+            args.extend(["-device".into(), "virtconsole,chardev=ctl".into()]);
+        }
+        for (index, disk) in self.disks.iter().enumerate() {
+            let file = option_value(&path(disk.clone()));
+            args.extend(["-drive".into(), format!("file={file},format=raw,if=none,id=v{index}")]);
+            args.extend(["-device".into(), format!("virtio-blk-device,drive=v{index},serial={}", disk_serial(index))]);
+        }
         args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", path(self.control_socket()))]);
         match incoming {
             Some(snapshot) => args.extend(["-incoming".into(), format!("file:{}", path(snapshot.to_path_buf()))]),
@@ -156,6 +180,17 @@ impl MachineConfig {
         }
         args
     }
+}
+
+/// The serial of the `index`th disk, by which the guest's `/init` finds it
+/// (`/sys/block/vd*/serial`), whatever order the kernel names the disks in.
+pub fn disk_serial(index: usize) -> String {
+    format!("edgible{index}")
+}
+
+/// A value inside a QEMU option list: commas are doubled.
+fn option_value(text: &str) -> String {
+    text.replace(',', ",,")
 }
 
 /// A locally administered MAC address for a VM's slot.
@@ -397,6 +432,8 @@ pub async fn probe_kvm(qemu: &Qemu, kernel: &Path, initrd: &Path, dir: &Path, ti
         accel: Accel::Kvm,
         tap: None,
         dir: dir.to_path_buf(),
+        disks: Vec::new(),
+        control: false,
     };
     let _ = std::fs::remove_dir_all(dir);
     let Ok(machine) = qemu.create(&config).await else { return false };
@@ -441,7 +478,35 @@ mod tests {
             accel: Accel::Tcg,
             tap: Some(("edgvm0".into(), mac_for(0))),
             dir: "/s/vm".into(),
+            disks: Vec::new(),
+            control: false,
         }
+    }
+
+    #[test]
+    fn volumes_are_serial_numbered_disks_and_the_control_line_a_third_console() {
+        let mut config = config();
+        config.disks = vec!["/s/volumes/a/data.img".into(), "/s/volumes/a/odd,name.img".into()];
+        config.control = true;
+        let args = config.qemu_args(None).join(" ");
+        for expected in [
+            "-drive file=/s/volumes/a/data.img,format=raw,if=none,id=v0 -device virtio-blk-device,drive=v0,serial=edgible0",
+            "-drive file=/s/volumes/a/odd,,name.img,format=raw,if=none,id=v1 -device virtio-blk-device,drive=v1,serial=edgible1",
+            "-chardev socket,id=ctl,path=/s/vm/control.sock,server=on,wait=off -device virtconsole,chardev=ctl",
+        ] {
+            assert!(args.contains(expected), "{expected:?} in {args}");
+        }
+        // The control line comes after stdout and stderr: it is the guest's /dev/hvc2.
+        assert!(args.find("chardev=err").unwrap() < args.find("chardev=ctl").unwrap());
+        let without = super::tests::config().qemu_args(None).join(" ");
+        assert!(!without.contains("virtio-blk") && !without.contains("control.sock"), "{without}");
+        // Recorded machines from before volumes and the control line still load.
+        let mut old = serde_json::to_value(super::tests::config()).unwrap();
+        let object = old.as_object_mut().unwrap();
+        object.remove("disks");
+        object.remove("control");
+        let loaded: MachineConfig = serde_json::from_value(old).unwrap();
+        assert!(loaded.disks.is_empty() && !loaded.control);
     }
 
     #[test]
