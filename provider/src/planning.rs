@@ -40,6 +40,15 @@ pub fn plan(block: &Block, prior: &Value, proposed: &Value, config: &Value) -> P
         // sees no difference at all.
         return Plan { planned: prior.clone(), requires_replace: Vec::new() };
     }
+    if only_local_changes(block, prior, &planned) {
+        // Only the provider's own settings change: the object stays as it is, and so does
+        // everything the server computes.
+        let mut kept = prior.clone();
+        for attribute in block.attributes.iter().filter(|attribute| attribute.local) {
+            kept.set(attribute.name, planned.get(attribute.name).clone());
+        }
+        return Plan { planned: kept, requires_replace: Vec::new() };
+    }
     let requires_replace: Vec<AttributePath> = block
         .attributes
         .iter()
@@ -126,6 +135,17 @@ fn mark_computed_unknown(block: &Block, planned: &mut Value, config: &Value, top
 /// Whether two values of a block mean the same to the platform, looking only at what the
 /// user controls (computed-only attributes are ignored).
 pub fn block_equivalent(block: &Block, a: &Value, b: &Value) -> bool {
+    equivalent_where(block, a, b, &|attribute| !attribute.is_computed_only())
+}
+
+/// Whether two values of a block differ, and only in the provider's own settings
+/// ([`Attribute::local`]): an update that writes nothing to the server.
+pub fn only_local_changes(block: &Block, a: &Value, b: &Value) -> bool {
+    !block_equivalent(block, a, b)
+        && equivalent_where(block, a, b, &|attribute| !attribute.is_computed_only() && !attribute.local)
+}
+
+fn equivalent_where(block: &Block, a: &Value, b: &Value, compared: &dyn Fn(&Attribute) -> bool) -> bool {
     match (a, b) {
         (Value::Unknown(_), _) | (_, Value::Unknown(_)) => false,
         (Value::Null, Value::Null) => true,
@@ -133,7 +153,7 @@ pub fn block_equivalent(block: &Block, a: &Value, b: &Value) -> bool {
             block
                 .attributes
                 .iter()
-                .filter(|attribute| !attribute.is_computed_only())
+                .filter(|attribute| compared(attribute))
                 .all(|attribute| attribute_equivalent(attribute, a.get(attribute.name), b.get(attribute.name)))
                 && block.blocks.iter().all(|nested| nested_equivalent(nested, a.get(nested.name), b.get(nested.name)))
         }
@@ -214,7 +234,11 @@ pub fn reconcile(block: &Block, fresh: Value, reference: &Value, against: Agains
     for attribute in &block.attributes {
         let current = result.get(attribute.name).clone();
         let expected = reference.get(attribute.name);
-        let chosen = if attribute.is_computed_only() {
+        let chosen = if attribute.local {
+            // The server knows nothing of the provider's own settings: they are what the
+            // plan (or the prior state) says.
+            expected.clone()
+        } else if attribute.is_computed_only() {
             match against {
                 Against::Planned if !expected.is_unknown() => expected.clone(),
                 Against::Prior if attribute.write_once && current.is_null() => expected.clone(),
@@ -363,6 +387,50 @@ mod tests {
         assert!(matches!(state.get("access"), Value::Map(_)));
         let Value::List(storage) = state.get("storage") else { panic!("storage is a list") };
         assert_eq!(storage[0].get("code"), &Value::string("abc123"));
+    }
+
+    fn block_with_local() -> Block {
+        block().attribute(Attribute::optional("wait_seconds", Type::Number, "").local())
+    }
+
+    #[test]
+    fn a_change_of_local_settings_alone_keeps_the_object_and_its_computed_values() {
+        let block = block_with_local();
+        let value = |json| Value::from_json(&json, &block.value_type()).unwrap();
+        let prior =
+            value(serde_json::json!({"id": "1", "revision": 7, "name": "a", "cidr": "x", "wait_seconds": null}));
+        let config = value(serde_json::json!({"name": "a", "cidr": "x", "wait_seconds": 60}));
+        let mut proposed = config.clone();
+        for computed in ["id", "revision", "secret"] {
+            proposed.set(computed, prior.get(computed).clone());
+        }
+        let outcome = plan(&block, &prior, &proposed, &config);
+        assert_eq!(outcome.planned.get("revision"), &Value::int(7), "nothing is written, nothing changes");
+        assert_eq!(outcome.planned.get("wait_seconds"), &Value::int(60));
+        assert!(only_local_changes(&block, &prior, &outcome.planned));
+        assert!(!only_local_changes(&block, &prior, &prior), "no change at all");
+
+        // With a change of the object as well, it is an ordinary update.
+        let config = value(serde_json::json!({"name": "b", "cidr": "x", "wait_seconds": 60}));
+        let mut proposed = config.clone();
+        proposed.set("id", Value::string("1"));
+        proposed.set("revision", Value::int(7));
+        let outcome = plan(&block, &prior, &proposed, &config);
+        assert!(outcome.planned.get("revision").is_unknown());
+        assert!(!only_local_changes(&block, &prior, &outcome.planned));
+    }
+
+    #[test]
+    fn local_settings_come_from_the_plan_or_the_prior_state_never_the_server() {
+        let block = block_with_local();
+        let value = |json| Value::from_json(&json, &block.value_type()).unwrap();
+        let fresh = value(serde_json::json!({"id": "1", "revision": 8, "name": "a", "cidr": "x"}));
+        let planned =
+            value(serde_json::json!({"id": "1", "revision": 8, "name": "a", "cidr": "x", "wait_seconds": 60}));
+        let state = reconcile(&block, fresh.clone(), &planned, Against::Planned);
+        assert_eq!(state.get("wait_seconds"), &Value::int(60));
+        let state = reconcile(&block, fresh, &planned, Against::Prior);
+        assert_eq!(state.get("wait_seconds"), &Value::int(60));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::data_sources::{self, DataSource};
 use crate::diagnostics::{AttributePath, Diagnostic, Diagnostics, client_error, error_chain};
 use crate::planning::{self, Against};
 use crate::proto::tfplugin6::{self as proto, provider_server::Provider};
-use crate::resources::{self, ManagedResource};
+use crate::resources::{self, ManagedResource, WriteError};
 use crate::schema::Schema;
 use crate::value::{Type, Value};
 
@@ -80,17 +80,17 @@ impl EdgibleProvider {
     }
 
     /// Runs an operation unless `StopProvider` interrupts it first.
-    async fn interruptible<T>(
+    async fn interruptible<T, E: From<Diagnostics>>(
         &self,
-        operation: impl Future<Output = Result<T, Diagnostics>>,
-    ) -> Result<T, Diagnostics> {
+        operation: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
         let mut stop = self.stop.subscribe();
         tokio::select! {
             result = operation => result,
-            _ = stop.wait_for(|stopped| *stopped) => Err(Diagnostic::error(
+            _ = stop.wait_for(|stopped| *stopped) => Err(Diagnostics::from(Diagnostic::error(
                 "Interrupted",
                 "Terraform asked the provider to stop; the operation may or may not have reached the server.",
-            ).into()),
+            )).into()),
         }
     }
 
@@ -183,7 +183,9 @@ impl EdgibleProvider {
         Ok(planning::plan(&resource.schema().block, prior, proposed, config))
     }
 
-    async fn apply_resource(&self, type_name: &str, prior: &Value, planned: &Value) -> Result<Value, Diagnostics> {
+    /// The state after applying `planned`. A failed update may carry the object as it is now
+    /// (shaped like the prior state), which Terraform keeps instead of the prior state.
+    async fn apply_resource(&self, type_name: &str, prior: &Value, planned: &Value) -> Result<Value, WriteError> {
         let resource = self.resource(type_name)?;
         let client = self.client()?;
         let block = &resource.schema().block;
@@ -194,7 +196,12 @@ impl EdgibleProvider {
         let fresh = if prior.is_null() {
             self.interruptible(resource.create(&client, planned)).await?
         } else {
-            self.interruptible(resource.update(&client, prior, planned)).await?
+            self.interruptible(resource.update(&client, prior, planned)).await.map_err(|mut error| {
+                error.state = error
+                    .state
+                    .map(|state| planning::reconcile(block, state, prior, Against::Prior).unknowns_to_null());
+                error
+            })?
         };
         Ok(planning::reconcile(block, fresh, planned, Against::Planned).unknowns_to_null())
     }
@@ -465,12 +472,17 @@ impl Provider for EdgibleProvider {
         request: Request<proto::apply_resource_change::Request>,
     ) -> Result<Response<proto::apply_resource_change::Response>, Status> {
         let request = request.into_inner();
+        // Errors come with the object as it is now when the server changed it anyway.
+        let without_state = |diagnostics| (None, diagnostics);
         let result = async {
-            let ty = resource_type(self, &request.type_name)?;
-            let prior = decode(request.prior_state.as_ref(), &ty)?;
-            let planned = decode(request.planned_state.as_ref(), &ty)?;
-            let state = self.apply_resource(&request.type_name, &prior, &planned).await?;
-            encode(&state, &ty)
+            let ty = resource_type(self, &request.type_name).map_err(without_state)?;
+            let prior = decode(request.prior_state.as_ref(), &ty).map_err(without_state)?;
+            let planned = decode(request.planned_state.as_ref(), &ty).map_err(without_state)?;
+            let state = self.apply_resource(&request.type_name, &prior, &planned).await.map_err(|error| {
+                let now = error.state.and_then(|state| encode(&state, &ty).ok());
+                (now, error.diagnostics)
+            })?;
+            encode(&state, &ty).map_err(without_state)
         }
         .await;
         let response = match result {
@@ -480,9 +492,10 @@ impl Provider for EdgibleProvider {
                 diagnostics: Vec::new(),
             },
             // A failed apply leaves the object as it was: absent for a creation, the prior
-            // state for an update or a deletion.
-            Err(diagnostics) => proto::apply_resource_change::Response {
-                new_state: request.prior_state,
+            // state for an update or a deletion; unless the update failed after the server
+            // changed the object (a failed migration), which the state then shows.
+            Err((now, diagnostics)) => proto::apply_resource_change::Response {
+                new_state: now.or(request.prior_state),
                 private: Vec::new(),
                 diagnostics: diagnostics.to_proto(),
             },

@@ -51,8 +51,24 @@ pub trait ManagedResource: Send + Sync {
     async fn refresh(&self, client: &Client, current: &Value) -> Result<Option<Value>, Diagnostics> {
         self.read(client, current.get("id").as_str().unwrap_or_default()).await
     }
-    async fn update(&self, client: &Client, prior: &Value, planned: &Value) -> Result<Value, Diagnostics>;
+    /// Writes the planned state. An update may fail after the server changed the object (a
+    /// placement whose migration failed): the error then carries the object as it is now.
+    async fn update(&self, client: &Client, prior: &Value, planned: &Value) -> Result<Value, WriteError>;
     async fn delete(&self, client: &Client, prior: &Value) -> Result<(), Diagnostics>;
+}
+
+/// A failed write, and the object as it is now when the failure came after the server changed
+/// it: Terraform keeps that state instead of the prior one, so that it shows what really runs.
+#[derive(Debug)]
+pub struct WriteError {
+    pub diagnostics: Diagnostics,
+    pub state: Option<Value>,
+}
+
+impl From<Diagnostics> for WriteError {
+    fn from(diagnostics: Diagnostics) -> Self {
+        Self { diagnostics, state: None }
+    }
 }
 
 /// Every resource type of the provider.
@@ -95,6 +111,17 @@ pub trait Model: Send + Sync + 'static {
     /// The object a creation answered, and the write-once values only that answer carries.
     fn created(created: <Self::Object as Resource>::Created) -> (Self::Object, Vec<(&'static str, Value)>);
 
+    /// What follows an update the server accepted, before the apply ends (a placement waits for
+    /// the migration the update started). `planned` holds the provider's own settings. On
+    /// failure: the diagnostics and, when it could be read, the object as it is now.
+    fn after_update(
+        _client: &Client,
+        object: Self::Object,
+        _planned: &Value,
+    ) -> impl std::future::Future<Output = Result<Self::Object, (Option<Self::Object>, Diagnostics)>> + Send {
+        async { Ok(object) }
+    }
+
     /// Computed values that live beside the object rather than in it (an application's
     /// certificate, from its status), read on every refresh. They only change on a refresh:
     /// an apply keeps what the plan knew, so they never make an apply inconsistent.
@@ -136,9 +163,9 @@ impl<M: Model> Default for Managed<M> {
     }
 }
 
-/// Attributes the user writes, which make up the spec.
+/// Attributes the user writes, which make up the spec (the provider's own settings do not).
 fn is_spec_attribute(attribute: &Attribute) -> bool {
-    !attribute.is_computed_only()
+    !attribute.is_computed_only() && !attribute.local
 }
 
 impl<M: Model> Managed<M>
@@ -256,12 +283,23 @@ where
         }
     }
 
-    async fn update(&self, client: &Client, prior: &Value, planned: &Value) -> Result<Value, Diagnostics> {
+    async fn update(&self, client: &Client, prior: &Value, planned: &Value) -> Result<Value, WriteError> {
+        if crate::planning::only_local_changes(Self::block(), prior, planned) {
+            // Only the provider's own settings change: there is nothing to write.
+            return Ok(planned.clone());
+        }
         let id = Self::id(prior)?;
         let spec = Self::spec(planned)?;
         let revision = prior.get("revision").as_i64().and_then(|revision| u64::try_from(revision).ok());
         let object =
             client.update::<M::Object>(&id, revision, &spec).await.map_err(|error| Self::failed("update", &error))?;
+        let object = match M::after_update(client, object, planned).await {
+            Ok(object) => object,
+            Err((now, diagnostics)) => {
+                let state = now.and_then(|object| Self::state(&object).ok());
+                return Err(WriteError { diagnostics, state });
+            }
+        };
         let mut state = Self::state(&object)?;
         let observed = M::observed(client, &object).await;
         Self::merge_observed_after_write(&mut state, observed);

@@ -103,6 +103,9 @@ pub struct Attribute {
     /// Computed and changed by every write of the object (its revision): unknown in a plan
     /// that updates the object.
     pub changes_on_write: bool,
+    /// A setting of the provider's own for this resource (how long an apply waits), not a
+    /// field of the object: never sent to the server, kept in state as configured.
+    pub local: bool,
 }
 
 impl Attribute {
@@ -120,6 +123,7 @@ impl Attribute {
             timestamp: false,
             write_once: false,
             changes_on_write: false,
+            local: false,
         }
     }
 
@@ -170,6 +174,10 @@ impl Attribute {
 
     pub fn changes_on_write(self) -> Self {
         Self { changes_on_write: true, ..self }
+    }
+
+    pub fn local(self) -> Self {
+        Self { local: true, ..self }
     }
 
     /// Set only by the provider.

@@ -1,4 +1,5 @@
-# An application placed on a device. Changing `device_id` moves the application in place.
+# An application placed on a device. Changing `device_id` moves the application in place: the
+# apply waits for the migration, at most `migration_timeout_seconds`.
 
 terraform {
   required_providers {
@@ -39,8 +40,10 @@ variable "device" {
   default     = "example-rack-a"
 }
 
+# `terraform apply -var device=example-rack-b` moves the API to the other rack.
 resource "edgible_placement" "api" {
-  application_id = edgible_application.api.id
-  strategy       = "serving-device"
-  device_id      = edgible_device.rack[var.device].id
+  application_id            = edgible_application.api.id
+  strategy                  = "serving-device"
+  device_id                 = edgible_device.rack[var.device].id
+  migration_timeout_seconds = 600
 }

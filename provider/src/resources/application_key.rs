@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use edgible::model::{ApplicationId, ApplicationKey, ApplicationKeyId, ApplicationKeySpec, Name};
 use edgible::{Client, ClientError};
 
-use super::{ManagedResource, flattened_state_json, id_attribute, revision_attribute};
+use super::{ManagedResource, WriteError, flattened_state_json, id_attribute, revision_attribute};
 use crate::diagnostics::{AttributePath, Diagnostic, Diagnostics, client_error};
 use crate::resources::application::parse_timestamp;
 use crate::schema::{Attribute, Block, Check, Schema, parses, validation_error};
@@ -194,11 +194,11 @@ impl ManagedResource for ApplicationKeyResource {
     }
 
     /// Never planned: every attribute the user sets requires a replacement.
-    async fn update(&self, _client: &Client, _prior: &Value, _planned: &Value) -> Result<Value, Diagnostics> {
-        Err(Diagnostic::error(
+    async fn update(&self, _client: &Client, _prior: &Value, _planned: &Value) -> Result<Value, WriteError> {
+        Err(Diagnostics::from(Diagnostic::error(
             "Application keys cannot be changed",
             "An application key is replaced, not updated; this is a bug in the provider's plan.",
-        )
+        ))
         .into())
     }
 

@@ -1,6 +1,7 @@
 //! The `edgible` command line: log in to a server, manage organizations, members, API keys, device
-//! pools, devices, edges, domains, applications and placements, deploy stack files, read what devices
-//! report (status, logs, events) and metered usage, and fetch the internal CA certificate (`edgible ca`).
+//! pools, devices, edges, domains, applications and placements, move applications (migrations),
+//! deploy stack files, read what devices report (status, logs, events) and metered usage, and
+//! fetch the internal CA certificate (`edgible ca`).
 //!
 //! Each object kind has its own module with its clap arguments and handlers; [`plan`] is the
 //! pure stack diff and [`stack`] applies it. Handlers return `anyhow` errors with context
@@ -27,6 +28,8 @@ mod keys;
 mod login;
 #[path = "edgible/members.rs"]
 mod members;
+#[path = "edgible/migrations.rs"]
+mod migrations;
 #[path = "edgible/organizations.rs"]
 mod organizations;
 #[path = "edgible/output.rs"]
@@ -104,6 +107,10 @@ enum Command {
     /// Placements: where an application runs.
     #[command(subcommand)]
     Placement(placements::PlacementCommand),
+    /// Migrations: moves of applications between devices and the cloud (`edgible app migrate`
+    /// starts one).
+    #[command(subcommand)]
+    Migration(migrations::MigrationCommand),
     /// Stack files: declare applications and placements in one YAML file.
     #[command(subcommand)]
     Stack(stack::StackCommand),
@@ -171,6 +178,7 @@ async fn run(command: Command, context: &Context) -> anyhow::Result<()> {
         Command::Ca => edges::ca(context).await,
         Command::App(command) => applications::run(command, context).await,
         Command::Placement(command) => placements::run(command, context).await,
+        Command::Migration(command) => migrations::run(command, context).await,
         Command::Stack(command) => stack::run(command, context).await,
         Command::Logs(args) => reports::logs(args, context).await,
         Command::Events(args) => reports::events(args, context).await,
@@ -284,6 +292,25 @@ mod tests {
         assert!(Cli::try_parse_from(["edgible", "app", "short-code", "web"]).is_ok());
         assert!(Cli::try_parse_from(["edgible", "app", "short-code", "web", "--rotate"]).is_ok());
         assert!(Cli::try_parse_from(["edgible", "key", "create", "robot", "--scope", "access"]).is_ok());
+    }
+
+    #[test]
+    fn migrations_take_a_target_and_a_timeout() {
+        let argv = ["edgible", "app", "migrate", "web", "--to", "cloud:eu-west", "--timeout", "120", "--no-wait"];
+        let cli = Cli::try_parse_from(argv);
+        assert!(cli.is_ok(), "{cli:?}");
+        assert!(Cli::try_parse_from(["edgible", "app", "migrate", "web", "--to", "dev2", "--timeout", "5m"]).is_ok());
+        assert!(Cli::try_parse_from(["edgible", "app", "migrate", "web"]).is_err(), "--to is required");
+        let error =
+            Cli::try_parse_from(["edgible", "app", "migrate", "web", "--to", "rack:dev2"]).expect_err("bad kind");
+        assert!(error.to_string().contains("cloud:REGION"), "{error}");
+        assert!(
+            Cli::try_parse_from(["edgible", "app", "migrate", "web", "--to", "dev2", "--timeout", "soon"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["edgible", "app", "migrations", "web"]).is_ok());
+        let id = edgible::model::MigrationId::new().to_string();
+        assert!(Cli::try_parse_from(["edgible", "migration", "get", &id]).is_ok());
+        assert!(Cli::try_parse_from(["edgible", "migration", "get", "web"]).is_err(), "an id, not a name");
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub enum AppCommand {
         /// Name or id.
         application: String,
     },
+    /// Move the application to another device or to the cloud, with its movable volumes, and
+    /// follow the migration phase by phase until it ends.
+    Migrate(crate::migrations::MigrateArgs),
+    /// List the application's migrations, newest first.
+    Migrations {
+        /// Name or id.
+        application: String,
+    },
     /// Keys that let requests through the application's api_key access policy.
     #[command(subcommand)]
     Key(AppKeyCommand),
@@ -169,6 +177,8 @@ pub async fn run(command: AppCommand, context: &Context) -> anyhow::Result<()> {
             println!("Deleted application {} ({}).", application.spec.name, application.id);
         }
         AppCommand::Status { application } => crate::reports::app_status(&client, &application, context).await?,
+        AppCommand::Migrate(args) => crate::migrations::migrate(&client, args, context).await?,
+        AppCommand::Migrations { application } => crate::migrations::list(&client, &application, context).await?,
         AppCommand::Key(command) => crate::access::run_key(command, context).await?,
         AppCommand::ShortCode { application, rotate } => {
             crate::access::short_code(&client, &application, rotate, context).await?

@@ -93,6 +93,13 @@ pub async fn run(command: PlacementCommand, context: &Context) -> anyhow::Result
                         .field("strategy", placement.spec.strategy())
                         .field("target", describe_placement(&placement.spec, &devices, &pools))
                         .field("host", describe_host(placement.host, &devices))
+                        .field(
+                            "migrating",
+                            match placement.migration_id {
+                                Some(id) => format!("yes: `edgible migration get {id}`"),
+                                None => "no".to_owned(),
+                            },
+                        )
                         .field("revision", placement.revision)
                         .field("created", placement.created_at.to_rfc3339())
                         .field("updated", placement.updated_at.to_rfc3339())

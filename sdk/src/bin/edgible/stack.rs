@@ -1,6 +1,7 @@
 //! `edgible stack diff|deploy FILE`: read a stack file, plan against what the server holds
 //! (see [`crate::plan`]), apply the plan with a progress display, and wait until the devices
-//! run it (see [`crate::progress`]).
+//! run it (see [`crate::progress`]), following first the migrations of applications it moved
+//! (see [`crate::migrations`]).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -95,13 +96,30 @@ pub async fn run(command: StackCommand, context: &Context) -> anyhow::Result<()>
 /// Shows each application's progress until it runs on its device; fails when one fails or
 /// the timeout passes.
 async fn wait_until_running(client: &Client, stack: &Stack, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let names: Vec<Name> = stack.applications.iter().map(|application| application.spec.name.clone()).collect();
-    let (applications, placements, devices) = tokio::try_join!(
-        client.list_all::<Application>(),
-        client.list_all::<Placement>(),
-        client.list_all::<Device>(),
-    )
-    .context("reading the deployed applications, placements and devices")?;
+    let read = || async {
+        tokio::try_join!(client.list_all::<Application>(), client.list_all::<Placement>(), client.list_all::<Device>(),)
+            .context("reading the deployed applications, placements and devices")
+    };
+    let (applications, placements, devices) = read().await?;
+    // A placement the deploy moved to another device is being migrated: follow each move to
+    // its end first (a failed one leaves the application where it was, and fails the deploy).
+    let mut moved = false;
+    for application in applications.iter().filter(|application| names.contains(&application.spec.name)) {
+        let placement = placements.iter().find(|placement| placement.spec.application_id() == application.id);
+        let Some(migration_id) = placement.and_then(|placement| placement.migration_id) else { continue };
+        let name = &application.spec.name;
+        let migration = client.migration(&migration_id).await.with_context(|| format!("reading the move of {name}"))?;
+        eprintln!("{name}: moving ({migration_id})");
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ended = crate::migrations::follow(client, migration, remaining).await?;
+        if ended.phase != edgible::model::MigrationPhase::Completed {
+            anyhow::bail!("{}", crate::migrations::failure_summary(name, &ended, &devices));
+        }
+        moved = true;
+    }
+    let (applications, placements, devices) = if moved { read().await? } else { (applications, placements, devices) };
     let (targets, skipped) = progress::targets(&names, &applications, &placements, &devices);
     for skip in &skipped {
         eprintln!("{}: not waiting, {}", skip.name, skip.reason);
@@ -109,7 +127,7 @@ async fn wait_until_running(client: &Client, stack: &Stack, timeout: Duration) -
     if targets.is_empty() {
         return Ok(());
     }
-    progress::wait(client, &targets, timeout).await?;
+    progress::wait(client, &targets, deadline.saturating_duration_since(tokio::time::Instant::now())).await?;
     match targets.len() {
         1 => eprintln!("The application runs on its device."),
         count => eprintln!("All {count} applications run on their devices."),
