@@ -421,6 +421,7 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
     ProxyMetrics::count(&metrics.served_connections);
     let application = shared.sleep.lookup(&server_name);
     let guard = application.as_ref().map(|(application_id, _)| shared.sleep.open(*application_id));
+    let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let tls = counted::Counted::new(tls, application.as_ref().map(|(_, counters)| counters.clone()));
     if route.raw_tcp {
         let mut in_flight = None;
@@ -479,11 +480,13 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
         }),
     );
     let mut connection = std::pin::pin!(connection);
-    // When a migration quiesces or drains the application, the connection ends gracefully:
-    // at once when idle, after the response in progress otherwise (HTTP/2: GOAWAY). Clients
-    // then reconnect, through the edge, to wherever the application runs next, rather than
-    // sending their next request down a keep-alive connection to a device that let it go.
-    let mut gates = application_id.map(|_| shared.sleep.gate_changes());
+    // When a migration quiesces or drains the application, an HTTP/2 connection ends
+    // gracefully (GOAWAY: the client retries any stream the server did not take), so clients
+    // reconnect, through the edge, to wherever the application runs next. An HTTP/1.1
+    // connection is not closed while idle, as the client may be sending a request at that very
+    // moment and could not tell whether it was received; it ends with its next answer, which
+    // carries `Connection: close` (see `http::ProxyService::handle`).
+    let mut gates = application_id.filter(|_| http2).map(|_| shared.sleep.gate_changes());
     let result = loop {
         let gate_changed = async {
             match gates.as_mut() {

@@ -1,6 +1,6 @@
 //! The proxy's side of migrations, through the real proxy over TLS: a quiesced application's
 //! requests get 503 with `Retry-After: 1` and `Connection: close`, a draining one's answers
-//! carry `Connection: close`, a kept-alive connection is ended when the gate closes, and a
+//! carry `Connection: close` (so a kept-alive connection ends with its next answer), and a
 //! request counts as in flight until its body is sent.
 
 use std::convert::Infallible;
@@ -192,19 +192,25 @@ async fn quiesce_refuses_drain_closes_and_requests_count_in_flight() -> Result<(
 }
 
 #[tokio::test]
-async fn a_kept_alive_connection_ends_when_the_gate_closes() -> Result<()> {
+async fn a_kept_alive_connection_ends_with_its_first_answer_once_draining() -> Result<()> {
     let fixture = fixture().await?;
     let (mut sender, driver) = fixture.connect().await?;
-    let request = Request::get("/").header("host", HOST).body(Empty::<Bytes>::new())?;
-    let response = tokio::time::timeout(TIMEOUT, sender.send_request(request)).await??;
+    let get = || Request::get("/").header("host", HOST).body(Empty::<Bytes>::new());
+    let response = tokio::time::timeout(TIMEOUT, sender.send_request(get()?)).await??;
     ensure!(response.status() == 200 && header(&response, "connection").is_none(), "kept alive while open");
     let _ = response.into_body().collect().await?;
-    ensure!(!driver.is_finished(), "the idle connection stays open while the gate is open");
 
-    // Draining: the idle connection is ended by the proxy, so the client's next request opens a
-    // new connection (through the edge, to wherever the application runs next).
+    // Draining: the idle connection is not cut (a request may be on its way), but its next
+    // answer ends it, so the client's following request opens a new connection (through the
+    // edge, to wherever the application runs next).
     fixture.sleep.set_gate(fixture.application.id, Gate::Close);
-    tokio::time::timeout(TIMEOUT, driver).await.context("the idle connection was not ended")??;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(!driver.is_finished(), "an idle HTTP/1.1 connection is not cut");
+    let response = tokio::time::timeout(TIMEOUT, sender.send_request(get()?)).await??;
+    ensure!(response.status() == 200, "draining still serves: {}", response.status());
+    ensure!(header(&response, "connection").as_deref() == Some("close"), "and ends the connection");
+    let _ = response.into_body().collect().await?;
+    tokio::time::timeout(TIMEOUT, driver).await.context("the connection did not end")??;
     ensure!(fixture.sleep.open_connections(fixture.application.id) == 0, "no connection left open");
     Ok(())
 }

@@ -728,13 +728,21 @@ fn unauthorized(html: bool, hostname: &str, policy: &AccessPolicy) -> Response<P
 }
 
 /// 503 while the policies of the application are not known.
+/// 503 while the device lacks what it needs to check the request: the access configuration,
+/// or the application itself (it just left this device, e.g. migrated away). The connection
+/// ends with the answer, so the client's retry opens a new one, which the edge routes to
+/// wherever the application runs now.
 fn not_ready() -> Response<ProxyBody> {
-    page(
+    let mut response = page(
         StatusCode::SERVICE_UNAVAILABLE,
         "Not available yet",
         "Access configuration not received yet: this device cannot check who may open this site. \
          Please try again in a moment.",
-    )
+    );
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 fn redirect(status: StatusCode, location: &str) -> Response<ProxyBody> {
