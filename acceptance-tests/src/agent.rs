@@ -92,7 +92,76 @@ impl AgentHome {
 impl Drop for AgentHome {
     fn drop(&mut self) {
         self.kill_workloads();
+        // Volumes (loop-mounted images, issue 10) outlive the agent; the directory cannot go
+        // while they are mounted.
+        unmount_under(&self.dir);
     }
+}
+
+/// Lazily unmounts every mount point under `dir` (deepest first), so that the directory can
+/// be deleted; a loop device mounted with `-o loop` is freed once its last user goes. Agents
+/// run with `nsenter --net` only, so their mounts are in this process's mount namespace.
+pub fn unmount_under(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else { return };
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mut points = mount_points_under(&mountinfo, &dir);
+    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    for point in points {
+        let _ = Command::new("umount").arg("-l").arg(&point).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+    // Loop devices do not always go with their mount (one attached with `losetup`, or mounted
+    // through an existing device, has no autoclear). Detaching a busy one marks it to go
+    // when its last user does.
+    let Ok(blocks) = std::fs::read_dir("/sys/block") else { return };
+    for block in blocks.filter_map(Result::ok) {
+        let name = block.file_name().to_string_lossy().into_owned();
+        let Ok(backing) = std::fs::read_to_string(block.path().join("loop/backing_file")) else { continue };
+        if backing_file_under(&backing, &dir) {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(format!("/dev/{name}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Whether a loop device's backing file (`/sys/block/loopN/loop/backing_file`, which ends with
+/// ` (deleted)` once the file is gone) is under `dir`.
+fn backing_file_under(backing: &str, dir: &Path) -> bool {
+    let backing = backing.trim_end();
+    let backing = backing.strip_suffix(" (deleted)").unwrap_or(backing);
+    Path::new(backing).starts_with(dir)
+}
+
+/// The mount points in `mountinfo` (the text of `/proc/PID/mountinfo`) at or under `dir`.
+pub fn mount_points_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| PathBuf::from(unescape_mount_point(point)))
+        .filter(|point| point.starts_with(dir))
+        .collect()
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mount_point(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'\\'
+            && let Some(code) = text.get(index + 1..index + 4).and_then(|digits| u8::from_str_radix(digits, 8).ok())
+        {
+            out.push(code);
+            index += 4;
+        } else {
+            out.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The start time of a process in clock ticks after boot (`/proc/PID/stat`, field 22), which
@@ -292,5 +361,26 @@ mod tests {
         first_task.abort();
         second_task.abort();
         Ok(())
+    }
+
+    #[test]
+    fn mount_points_under_a_directory_are_found_and_unescaped() {
+        let mountinfo = "\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+98 22 7:0 / /tmp/edgible-x/dev1/state/volumes/app/data rw,relatime shared:50 - ext4 /dev/loop0 rw
+99 22 7:1 / /tmp/edgible-x/dev\\0402/vol rw,relatime shared:51 - ext4 /dev/loop1 rw
+100 22 7:2 / /tmp/edgible-xy/other rw,relatime shared:52 - ext4 /dev/loop2 rw
+";
+        assert!(backing_file_under(
+            "/tmp/edgible-x/dev1/state/volumes/a/data.img (deleted)\n",
+            Path::new("/tmp/edgible-x")
+        ));
+        assert!(backing_file_under("/tmp/edgible-x/v.img\n", Path::new("/tmp/edgible-x")));
+        assert!(!backing_file_under("/tmp/edgible-xy/v.img\n", Path::new("/tmp/edgible-x")));
+        let found = mount_points_under(mountinfo, Path::new("/tmp/edgible-x"));
+        assert_eq!(
+            found,
+            [PathBuf::from("/tmp/edgible-x/dev1/state/volumes/app/data"), PathBuf::from("/tmp/edgible-x/dev 2/vol")]
+        );
     }
 }

@@ -12,6 +12,7 @@ pub mod browser;
 pub mod cli;
 pub mod cloud_platform;
 pub mod docker;
+pub mod migration_platform;
 pub mod netns;
 pub mod pebble;
 pub mod platform;

@@ -170,6 +170,103 @@ pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines().find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
 }
 
+// ---------------------------------------------------------------------------------------------
+// The stateful endpoints (issue 10's migration tests): records appended to a file in the
+// application's volume, a large fill file, a slow request, and a health check that fails on
+// one device.
+
+/// The volume the stateful endpoints write to: the agent passes its path as
+/// `EDGIBLE_VOLUME_DATA` (volume `data`).
+pub const RECORDS_VOLUME_ENV: &str = "EDGIBLE_VOLUME_DATA";
+/// The file, in the volume, that holds one record id per line.
+pub const RECORDS_FILE: &str = "records.log";
+/// The file, in the volume, that `POST /fill` writes.
+pub const FILL_FILE: &str = "fill.bin";
+/// The environment variable naming an IPv4 address: the workload's health check fails on the
+/// machine that has it (the migration tests make one device's target unhealthy).
+pub const UNHEALTHY_AT_ENV: &str = "UNHEALTHY_AT";
+/// The longest `GET /slow` waits.
+pub const MAX_SLOW_MS: u64 = 60_000;
+
+/// Why a stateful request is refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("the record id must be a whole number after /records/, got {0:?}")]
+    BadId(String),
+    #[error("query parameter `ms` must be a whole number of milliseconds up to {MAX_SLOW_MS}, got {0:?}")]
+    BadMs(String),
+    #[error("line {line} of the records listing is not a record id: {text:?}")]
+    BadListing { line: usize, text: String },
+}
+
+/// The id of `POST /records/ID`.
+pub fn record_id(path: &str) -> Result<u64, RecordError> {
+    let text = path.strip_prefix("/records/").unwrap_or(path);
+    text.parse().map_err(|_| RecordError::BadId(text.to_owned()))
+}
+
+/// What `POST /records/ID` answers once the record is on disk: the id and where it was stored
+/// (the machine's addresses, which tell the test the device).
+pub fn record_receipt(id: u64, addresses: &[std::net::Ipv4Addr]) -> String {
+    format!("stored={id}\naddresses={}\n", address_list(addresses))
+}
+
+/// The addresses as `GET /whereami` and the record receipts show them.
+pub fn address_list(addresses: &[std::net::Ipv4Addr]) -> String {
+    if addresses.is_empty() {
+        "-".to_owned()
+    } else {
+        addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// The distinct record ids of the records file (one per line; a line cut short by a crash
+/// before its fsync, i.e. never acknowledged, is skipped).
+pub fn stored_ids(file: &str) -> std::collections::BTreeSet<u64> {
+    file.lines().filter_map(|line| line.trim().parse().ok()).collect()
+}
+
+/// What `GET /records` answers: `count=N` (distinct ids), `lines=N` (appends, counting
+/// repeats of an id whose first answer was lost), then one id per line.
+pub fn records_listing(file: &str) -> String {
+    let ids = stored_ids(file);
+    let mut text = format!("count={}\nlines={}\n", ids.len(), file.lines().count());
+    for id in ids {
+        text.push_str(&format!("{id}\n"));
+    }
+    text
+}
+
+/// The ids of a [`records_listing`].
+pub fn parse_records_listing(text: &str) -> Result<std::collections::BTreeSet<u64>, RecordError> {
+    let mut ids = std::collections::BTreeSet::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.contains('=') {
+            continue;
+        }
+        let id = line.parse().map_err(|_| RecordError::BadListing { line: index + 1, text: line.to_owned() })?;
+        ids.insert(id);
+    }
+    Ok(ids)
+}
+
+/// The `ms` parameter of `GET /slow?ms=N`.
+pub fn slow_ms(query: Option<&str>) -> Result<u64, RecordError> {
+    let value = query.unwrap_or_default().split('&').find_map(|pair| pair.strip_prefix("ms=")).unwrap_or_default();
+    match value.parse() {
+        Ok(ms) if ms <= MAX_SLOW_MS => Ok(ms),
+        _ => Err(RecordError::BadMs(value.to_owned())),
+    }
+}
+
+/// Whether the health check fails here: `UNHEALTHY_AT` (its value, if set) is one of this
+/// machine's `addresses`.
+pub fn unhealthy_here(unhealthy_at: Option<&str>, addresses: &[std::net::Ipv4Addr]) -> bool {
+    unhealthy_at
+        .and_then(|text| text.trim().parse::<std::net::Ipv4Addr>().ok())
+        .is_some_and(|address| addresses.contains(&address))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,5 +383,39 @@ Local:
         let receipt = upload_receipt("abc", 3);
         assert_eq!(field(&receipt, "sha256"), Some("abc"));
         assert_eq!(field(&receipt, "bytes"), Some("3"));
+    }
+
+    #[test]
+    fn record_requests_are_parsed_and_listed() {
+        assert_eq!(record_id("/records/42"), Ok(42));
+        assert_eq!(record_id("/records/x"), Err(RecordError::BadId("x".into())));
+        assert_eq!(record_id("/records/"), Err(RecordError::BadId(String::new())));
+        let here: std::net::Ipv4Addr = "203.0.113.21".parse().expect("an address");
+        let receipt = record_receipt(7, &[here]);
+        assert_eq!(field(&receipt, "stored"), Some("7"));
+        assert_eq!(field(&receipt, "addresses"), Some("203.0.113.21"));
+        assert_eq!(field(&record_receipt(7, &[]), "addresses"), Some("-"));
+        // A repeated id counts once; a torn last line (no fsync, never acknowledged) is skipped.
+        let listing = records_listing("3\n1\n3\n2\n4");
+        assert_eq!(field(&listing, "count"), Some("4"));
+        assert_eq!(field(&listing, "lines"), Some("5"));
+        assert_eq!(parse_records_listing(&listing), Ok([1, 2, 3, 4].into_iter().collect()));
+        assert_eq!(stored_ids("1\n2\n3x"), [1, 2].into_iter().collect());
+        assert_eq!(
+            parse_records_listing("count=1\nnope\n"),
+            Err(RecordError::BadListing { line: 2, text: "nope".into() })
+        );
+    }
+
+    #[test]
+    fn slow_queries_and_the_unhealthy_address_are_read() {
+        assert_eq!(slow_ms(Some("ms=1500")), Ok(1500));
+        assert_eq!(slow_ms(None), Err(RecordError::BadMs(String::new())));
+        assert_eq!(slow_ms(Some("ms=600001")), Err(RecordError::BadMs("600001".into())));
+        let here: std::net::Ipv4Addr = "203.0.113.22".parse().expect("an address");
+        assert!(unhealthy_here(Some("203.0.113.22"), &[here]));
+        assert!(!unhealthy_here(Some("203.0.113.21"), &[here]));
+        assert!(!unhealthy_here(Some("not an address"), &[here]));
+        assert!(!unhealthy_here(None, &[here]));
     }
 }

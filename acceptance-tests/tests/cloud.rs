@@ -12,14 +12,16 @@
 //! 2. the placement switched to `serving-device` on the tenant's own device in Terraform: served
 //!    through the tenant's edge by a process on the device (this machine's kernel, a pid in the
 //!    device's namespace), and the microVM is gone; then back to `cloud`: a new microVM serves;
-//! 3. tenant B's application lands on the same host; from inside B's guest (the workload's
-//!    `/connect`) neither A's guest, nor the server, nor the host's tunnel address can be
-//!    reached, while the same connections from the host's namespace (or the edge's) do open,
+//! 3. tenant B's application lands on the same host and listens on the same port as A: each
+//!    hostname is served by its own guest (the agent reaches every guest at its own address);
+//!    from inside B's guest (the workload's `/connect`) neither A's guest, nor the server, nor
+//!    the host's tunnel address can be reached, while the same connections from the host's namespace (or the edge's) do open,
 //!    and B's guest connects to its own address: so each refusal is the host's firewall
 //!    between guests, not a broken check;
 //! 4. sleep after idle, mode `stop` then `suspend`: the application goes `sleeping` (in `stop`
 //!    its QEMU is gone), the first request wakes it and succeeds, printing the wake latency; a
-//!    `stop` wake boots a new guest (new boot id), a `suspend` wake resumes the same one;
+//!    `stop` wake boots a new guest (new boot id), a `suspend` wake resumes the same one; after
+//!    the wakes each hostname is still served by its own tenant's guest;
 //! 5. `GET /v1/usage` for tenant B grows by exactly the number of requests the test sent, and
 //!    the bytes by the bodies sent and received plus at most a bounded protocol overhead; tenant
 //!    A's usage shows exactly the two wakes.
@@ -50,12 +52,9 @@ use serde_json::json;
 const HOST_A: &str = "a.cloud.example.test";
 /// Tenant B's application (in the cloud, next to A).
 const HOST_B: &str = "b.cloud.example.test";
-/// The port A's workload listens on.
+/// The port A's and B's workloads both listen on, on the same host: the agent reaches each
+/// guest at the guest's own address, so one port serves two tenants' applications apart.
 const PORT: u16 = 8080;
-/// The port B's workload listens on. Not A's: the microVM driver reaches a guest through a
-/// forwarder on the host's `127.0.0.1:<port>`, so the scheduler never puts two applications
-/// with one port on one host, and B must land next to A for the isolation step.
-const PORT_B: u16 = 8081;
 /// The idle timeout of the sleep steps (the model's minimum).
 const IDLE_SECONDS: u32 = 10;
 /// How often the agents report usage in this test.
@@ -183,6 +182,25 @@ fn connect_from_guest(platform: &CloudPlatform, target: SocketAddrV4) -> anyhow:
         Some("failed") => Ok(Err(field(&body, "reason").unwrap_or("-").to_owned())),
         _ => anyhow::bail!("unexpected /connect answer: {body:?}"),
     }
+}
+
+/// Each tenant's hostname is answered by its own guest, several times over (the pooled
+/// connections of the host's proxy included): A's by a workload named `cloud-a` in the guest
+/// `guest_a`, B's by `cloud-b` in `guest_b`, two guests with their own boots and addresses.
+fn ensure_own_guests(platform: &CloudPlatform, guest_a: &Whereami, guest_b: &Whereami) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        guest_a.boot_id != guest_b.boot_id && guest_a.addresses != guest_b.addresses,
+        "A and B share a guest: {guest_a:?} {guest_b:?}"
+    );
+    for _ in 0..3 {
+        for (hostname, name, guest) in [(HOST_A, "cloud-a", guest_a), (HOST_B, "cloud-b", guest_b)] {
+            let greeting = platform.get(CLOUD_EDGE_ADDRESS, hostname, "/")?;
+            anyhow::ensure!(field(&greeting, "name") == Some(name), "{hostname} answered {greeting}");
+            let here = Whereami::parse(&platform.get(CLOUD_EDGE_ADDRESS, hostname, "/whereami")?)?;
+            anyhow::ensure!(here == *guest, "{hostname} is served by {here:?}, not its guest {guest:?}");
+        }
+    }
+    Ok(())
 }
 
 /// Waits until application `id` of `org` sleeps at its current revision.
@@ -318,11 +336,11 @@ async fn scenario(platform: &CloudPlatform, terraform: &Terraform) -> anyhow::Re
         })
         .await?;
 
-    step("tenant B's application, placed in the cloud through the API, lands next to A on host1");
+    step("tenant B's application, on A's port, placed in the cloud through the API, lands next to A on host1");
     let spec: ApplicationSpec = serde_json::from_value(json!({
         "name": "cloud-b",
         "hostnames": [HOST_B],
-        "port": PORT_B,
+        "port": PORT,
         "env": {"NAME": "cloud-b", "BIND_ADDRESS": "0.0.0.0"},
         "workload": {"process": {"command": workload.display().to_string()}},
         "health_check": {"protocol": "http", "path": "/health", "interval_seconds": 2, "timeout_seconds": 1},
@@ -343,10 +361,12 @@ async fn scenario(platform: &CloudPlatform, terraform: &Terraform) -> anyhow::Re
     );
     let qemu = platform.qemu_pids(&host1)?;
     anyhow::ensure!(qemu.len() == 2, "host1 runs A's and B's QEMU: {qemu:?}");
+    ensure_own_guests(platform, &guest_a, &guest_b)?;
+    eprintln!("    one host, one port: {HOST_A} served by A's guest {guest_a:?}, {HOST_B} by B's {guest_b:?}");
 
     step("isolation: from inside B's guest, A's guest, the server and host1's tunnel address are unreachable");
     let a_address = SocketAddrV4::new(guest_a.addresses[0], PORT);
-    let b_address = SocketAddrV4::new(guest_b.addresses[0], PORT_B);
+    let b_address = SocketAddrV4::new(guest_b.addresses[0], PORT);
     anyhow::ensure!(a_address.ip() != b_address.ip(), "two guests with one address: {guest_a:?} {guest_b:?}");
     let server_address: SocketAddrV4 =
         platform.server.url.strip_prefix("http://").context("the server URL is http://")?.parse()?;
@@ -411,6 +431,11 @@ async fn scenario(platform: &CloudPlatform, terraform: &Terraform) -> anyhow::Re
         })
         .await?;
     }
+
+    step("after A's wakes, each hostname is still served by its own tenant's guest");
+    let guest_a = Whereami::parse(&platform.get(CLOUD_EDGE_ADDRESS, HOST_A, "/whereami")?)?;
+    ensure_own_guests(platform, &guest_a, &guest_b)?;
+    eprintln!("    {HOST_A}: {guest_a:?}; {HOST_B}: {guest_b:?}");
 
     step("usage: tenant B's counts grow by exactly the requests sent, bytes by the bodies plus overhead");
     let base = settled_usage(&platform.tenant_b, &app_b.id, began).await?;

@@ -51,7 +51,7 @@ const HTTP2_STREAMS: u32 = 10;
 const TAG: &str = "bn";
 
 const USAGE: &str = "usage: bench [--rounds N] [--seconds S] [--out FILE] [--idle-connections N]
-             [--connections N] [--dir DIR] [--boringtun PATH]
+             [--connections N] [--dir DIR] [--boringtun PATH] [--only LIST]
 
   --rounds N            alternating rounds; medians are reported (default 3, at least 1)
   --seconds S           length of each timed run (default 5)
@@ -60,7 +60,9 @@ const USAGE: &str = "usage: bench [--rounds N] [--seconds S] [--out FILE] [--idl
                         sockets at the edge, so 10,000 do not fit the 20,000 open-file limit)
   --connections N       concurrent connections of the request-rate runs (default 50)
   --dir DIR             keep configurations and logs in DIR instead of a temporary directory
-  --boringtun PATH      boringtun-cli (default target/bench-tools/bin/boringtun-cli, then PATH)";
+  --boringtun PATH      boringtun-cli (default target/bench-tools/bin/boringtun-cli, then PATH)
+  --only LIST           only these measurements, comma-separated: idle, tunnel, keep-alive,
+                        new-connections, http2, download (default all)";
 
 /// What the command line asks.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +74,8 @@ struct Options {
     connections: u32,
     dir: Option<PathBuf>,
     boringtun: Option<PathBuf>,
+    /// The measurements to make, in [`Measurement::ALL`]'s order.
+    only: Vec<Measurement>,
 }
 
 impl Default for Options {
@@ -84,6 +88,7 @@ impl Default for Options {
             connections: 50,
             dir: None,
             boringtun: None,
+            only: Measurement::ALL.to_vec(),
         }
     }
 }
@@ -109,6 +114,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> anyhow::Result<Options>
             "--connections" => options.connections = positive("--connections", value("--connections")?)?,
             "--dir" => options.dir = Some(value("--dir")?.into()),
             "--boringtun" => options.boringtun = Some(value("--boringtun")?.into()),
+            "--only" => options.only = Measurement::parse_list(&value("--only")?)?,
             "-h" | "--help" => anyhow::bail!("{USAGE}"),
             other => anyhow::bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -246,7 +252,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let mut samples = Samples::default();
     let started = Instant::now();
     'rounds: for round in 0..options.rounds {
-        for measurement in Measurement::ALL {
+        for &measurement in &options.only {
             for stack in Stack::order(round) {
                 if stop.load(Ordering::Relaxed) {
                     samples.fail(format!("interrupted in round {}", round + 1));
@@ -312,7 +318,7 @@ async fn watch_signals(stop: Arc<AtomicBool>) {
 }
 
 /// One kind of run, made for each stack in turn.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Measurement {
     IdleConnections,
     Tunnel,
@@ -332,6 +338,31 @@ impl Measurement {
         Measurement::Http2,
         Measurement::Download,
     ];
+
+    /// The name `--only` takes.
+    fn flag(self) -> &'static str {
+        match self {
+            Measurement::IdleConnections => "idle",
+            Measurement::Tunnel => "tunnel",
+            Measurement::KeepAlive => "keep-alive",
+            Measurement::NewConnections => "new-connections",
+            Measurement::Http2 => "http2",
+            Measurement::Download => "download",
+        }
+    }
+
+    /// The measurements a comma-separated `--only` list names, in [`Measurement::ALL`]'s order.
+    fn parse_list(text: &str) -> anyhow::Result<Vec<Measurement>> {
+        let mut named = Vec::new();
+        for name in text.split(',').map(str::trim) {
+            let measurement = Self::ALL
+                .into_iter()
+                .find(|measurement| measurement.flag() == name)
+                .with_context(|| format!("--only: unknown measurement {name:?}\n{USAGE}"))?;
+            named.push(measurement);
+        }
+        Ok(Self::ALL.into_iter().filter(|measurement| named.contains(measurement)).collect())
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -552,6 +583,7 @@ mod tests {
         assert_eq!((options.rounds, options.seconds, options.idle_connections, options.connections), (3, 5, 9_900, 50));
         assert!(options.out.ends_with("bench.md"), "{}", options.out.display());
         assert_eq!((options.dir, options.boringtun), (None, None));
+        assert_eq!(options.only, Measurement::ALL.to_vec());
         Ok(())
     }
 
@@ -572,6 +604,8 @@ mod tests {
             "/tmp/bench",
             "--boringtun",
             "/opt/boringtun-cli",
+            "--only",
+            "new-connections,tunnel",
         ])?;
         assert_eq!(
             options,
@@ -583,8 +617,10 @@ mod tests {
                 connections: 20,
                 dir: Some("/tmp/bench".into()),
                 boringtun: Some("/opt/boringtun-cli".into()),
+                only: vec![Measurement::Tunnel, Measurement::NewConnections],
             }
         );
+        assert!(args(&["--only", "tunnel,fast"]).expect_err("unknown").to_string().contains("\"fast\""));
         assert!(args(&["--rounds", "0"]).expect_err("zero rounds").to_string().contains("--rounds must be at least 1"));
         assert!(args(&["--seconds", "x"]).expect_err("not a number").to_string().contains("--seconds"));
         assert!(args(&["--out"]).expect_err("no value").to_string().contains("--out needs a value"));

@@ -13,6 +13,13 @@
 //!   and the machine's IPv4 addresses.
 //! - `GET /connect?to=ADDRESS:PORT`: whether a TCP connection to there opens within 3 s, for
 //!   the cloud tests' check that one tenant's guest cannot reach another's.
+//! - The migration tests' stateful endpoints, on the volume the agent passes as
+//!   `EDGIBLE_VOLUME_DATA` (503 when there is none): `POST /records/ID` appends the id to
+//!   `records.log` and answers 200 only after an fsync (an acknowledged record is on disk);
+//!   `GET /records` lists the stored ids; `POST /fill?bytes=N` writes N random (so
+//!   incompressible) bytes to `fill.bin` and answers their SHA-256, which `GET /fill` reads
+//!   back. `GET /slow?ms=N` answers after N ms (a request in flight during a drain).
+//! - `GET /health` answers 503 on a machine that has the address in `$UNHEALTHY_AT`.
 //!
 //! The pure parts live in `edgible_acceptance_tests::workload` and are unit tested there.
 
@@ -25,8 +32,9 @@ use std::task::{Context as TaskContext, Poll};
 use anyhow::Context;
 use bytes::Bytes;
 use edgible_acceptance_tests::workload::{
-    Forwarded, connect_outcome, connect_target, download_len, fill_pattern, greeting, header_lines, local_addresses,
-    upload_receipt, whereami,
+    FILL_FILE, Forwarded, RECORDS_FILE, RECORDS_VOLUME_ENV, UNHEALTHY_AT_ENV, connect_outcome, connect_target,
+    download_len, fill_pattern, greeting, header_lines, local_addresses, record_id, record_receipt, records_listing,
+    slow_ms, unhealthy_here, upload_receipt, whereami,
 };
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Either, Full};
@@ -96,7 +104,31 @@ async fn handle(name: Arc<str>, request: Request<Incoming>) -> Result<Response<R
             let headers = request.headers().iter().map(|(name, value)| (name.as_str(), value.to_str().ok()));
             text_response(StatusCode::OK, header_lines(headers))
         }
-        (&Method::GET, "/health") => text_response(StatusCode::OK, "ok\n".to_owned()),
+        (&Method::GET, "/health") => {
+            let unhealthy_at = std::env::var(UNHEALTHY_AT_ENV).ok();
+            if unhealthy_here(unhealthy_at.as_deref(), &machine_addresses()) {
+                text_response(StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {UNHEALTHY_AT_ENV} is set here\n"))
+            } else {
+                text_response(StatusCode::OK, "ok\n".to_owned())
+            }
+        }
+        (&Method::POST, path) if path.starts_with("/records/") => match record_id(path) {
+            Ok(id) => stateful(move |volume| append_record(volume, id)).await,
+            Err(error) => text_response(StatusCode::BAD_REQUEST, format!("{error}\n")),
+        },
+        (&Method::GET, "/records") => stateful(read_records).await,
+        (&Method::POST, "/fill") => match download_len(request.uri().query()) {
+            Ok(len) => stateful(move |volume| fill(volume, len)).await,
+            Err(error) => text_response(StatusCode::BAD_REQUEST, format!("{error}\n")),
+        },
+        (&Method::GET, "/fill") => stateful(read_fill).await,
+        (&Method::GET, "/slow") => match slow_ms(request.uri().query()) {
+            Ok(ms) => {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                text_response(StatusCode::OK, format!("slept={ms}\n"))
+            }
+            Err(error) => text_response(StatusCode::BAD_REQUEST, format!("{error}\n")),
+        },
         (&Method::POST, "/upload") => upload(request.into_body()).await,
         (&Method::GET, "/download") => match download_len(request.uri().query()) {
             Ok(len) => {
@@ -135,6 +167,97 @@ async fn handle(name: Arc<str>, request: Request<Incoming>) -> Result<Response<R
         _ => text_response(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     };
     Ok(response)
+}
+
+/// This machine's IPv4 addresses (not loopback); per network namespace, so per device.
+fn machine_addresses() -> Vec<Ipv4Addr> {
+    local_addresses(&std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default())
+}
+
+/// Serializes the writers of the volume's files.
+static VOLUME_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `work` on the volume (blocking I/O, on a blocking thread, one at a time): 200 with its
+/// text, 500 with its error, 503 when the agent gave the workload no volume.
+async fn stateful(
+    work: impl FnOnce(&std::path::Path) -> std::io::Result<String> + Send + 'static,
+) -> Response<ResponseBody> {
+    let Some(volume) = std::env::var_os(RECORDS_VOLUME_ENV) else {
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, format!("{RECORDS_VOLUME_ENV} is not set: no volume\n"));
+    };
+    let outcome = tokio::task::spawn_blocking(move || {
+        let _guard = VOLUME_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        work(std::path::Path::new(&volume))
+    })
+    .await;
+    match outcome {
+        Ok(Ok(text)) => text_response(StatusCode::OK, text),
+        Ok(Err(error)) => text_response(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
+        Err(error) => text_response(StatusCode::INTERNAL_SERVER_ERROR, format!("the writer panicked: {error}\n")),
+    }
+}
+
+/// Appends `id` to the records file and syncs it (and, when the file is new, its directory)
+/// before answering: only then is the record acknowledged.
+fn append_record(volume: &std::path::Path, id: u64) -> std::io::Result<String> {
+    use std::io::Write as _;
+    let path = volume.join(RECORDS_FILE);
+    let new = !path.exists();
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    file.write_all(format!("{id}\n").as_bytes())?;
+    file.sync_data()?;
+    if new {
+        std::fs::File::open(volume)?.sync_all()?;
+    }
+    Ok(record_receipt(id, &machine_addresses()))
+}
+
+fn read_records(volume: &std::path::Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(volume.join(RECORDS_FILE)) {
+        Ok(text) => Ok(records_listing(&text)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(records_listing("")),
+        Err(error) => Err(error),
+    }
+}
+
+/// Writes `len` bytes from `/dev/urandom` to the fill file, synced; answers their SHA-256.
+fn fill(volume: &std::path::Path, len: u64) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut random = std::fs::File::open("/dev/urandom")?;
+    let mut file = std::fs::File::create(volume.join(FILL_FILE))?;
+    let mut digest = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut written = 0;
+    while written < len {
+        let chunk = usize::try_from(len - written).unwrap_or(buffer.len()).min(buffer.len());
+        random.read_exact(&mut buffer[..chunk])?;
+        file.write_all(&buffer[..chunk])?;
+        digest.update(&buffer[..chunk]);
+        written += chunk as u64;
+    }
+    file.sync_all()?;
+    Ok(upload_receipt(&hex::encode(digest.finalize()), len))
+}
+
+/// The SHA-256 and length of the fill file (`bytes=0` and no digest when there is none).
+fn read_fill(volume: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut file = match std::fs::File::open(volume.join(FILL_FILE)) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(upload_receipt("-", 0)),
+        Err(error) => return Err(error),
+    };
+    let mut digest = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            return Ok(upload_receipt(&hex::encode(digest.finalize()), len));
+        }
+        digest.update(&buffer[..read]);
+        len += read as u64;
+    }
 }
 
 fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
