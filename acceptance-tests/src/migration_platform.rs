@@ -323,7 +323,7 @@ impl MigrationPlatform {
                     anyhow::ensure!(
                         !migration.phase.is_final(),
                         "migration {id} ended ({}) before {what}: {}",
-                        phase_name(migration.phase),
+                        migration.phase.as_str(),
                         describe_migration(&migration)
                     );
                     last = Some(migration);
@@ -586,19 +586,14 @@ pub fn describe_migration(migration: &Migration) -> String {
     format!(
         "{} phase={} failed_phase={:?} failure={:?} rolled_back={} shipped={}/{} downtime_ms={:?}",
         migration.id,
-        phase_name(migration.phase),
-        migration.failed_phase.map(phase_name),
+        migration.phase.as_str(),
+        migration.failed_phase.map(MigrationPhase::as_str),
         migration.failure,
         migration.rolled_back,
         migration.bytes_shipped,
         migration.bytes_total,
         migration.downtime_ms,
     )
-}
-
-/// A phase's name as the API writes it (`ship`).
-pub fn phase_name(phase: MigrationPhase) -> String {
-    serde_json::to_value(phase).ok().and_then(|value| value.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
 /// How long migration spent in `phase` (entered to left), if it entered and left it.

@@ -1162,6 +1162,20 @@ pub enum MigrationPhase {
 }
 
 impl MigrationPhase {
+    /// The phase's name, as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationPhase::Preflight => "preflight",
+            MigrationPhase::Quiesce => "quiesce",
+            MigrationPhase::Snapshot => "snapshot",
+            MigrationPhase::Ship => "ship",
+            MigrationPhase::Restore => "restore",
+            MigrationPhase::Cutover => "cutover",
+            MigrationPhase::Completed => "completed",
+            MigrationPhase::Failed => "failed",
+        }
+    }
+
     /// Whether the migration has ended, one way or the other.
     pub fn is_final(self) -> bool {
         matches!(self, MigrationPhase::Completed | MigrationPhase::Failed)

@@ -190,34 +190,6 @@ pub struct NewMigration {
     pub to: PlacementSpec,
 }
 
-/// The snake_case name of a phase, as the API spells it.
-pub fn phase_name(phase: MigrationPhase) -> &'static str {
-    match phase {
-        MigrationPhase::Preflight => "preflight",
-        MigrationPhase::Quiesce => "quiesce",
-        MigrationPhase::Snapshot => "snapshot",
-        MigrationPhase::Ship => "ship",
-        MigrationPhase::Restore => "restore",
-        MigrationPhase::Cutover => "cutover",
-        MigrationPhase::Completed => "completed",
-        MigrationPhase::Failed => "failed",
-    }
-}
-
-/// The protocol's name of a step.
-pub fn step_name(step: &MigrationStep) -> &'static str {
-    match step {
-        MigrationStep::Preflight { .. } => "preflight",
-        MigrationStep::Quiesce { .. } => "quiesce",
-        MigrationStep::Snapshot { .. } => "snapshot",
-        MigrationStep::Ship { .. } => "ship",
-        MigrationStep::Restore { .. } => "restore",
-        MigrationStep::Drain { .. } => "drain",
-        MigrationStep::Resume { .. } => "resume",
-        MigrationStep::Release { .. } => "release",
-    }
-}
-
 /// Checks a manifest a source answered `snapshot` with: chunks numbered from 0 in order,
 /// none empty or above [`MAX_CHUNK_BYTES`], sizes adding up, digests as lowercase hex SHA-256.
 pub fn check_manifest(manifest: &SnapshotManifest) -> Result<(), String> {
@@ -499,7 +471,7 @@ impl Machine<'_> {
         if let Some(current) = self.state.current.clone()
             && now >= current.deadline
         {
-            let name = step_name(&current.step);
+            let name = current.step.name();
             if self.state.phase == MigrationPhase::Cutover {
                 self.state.current = None;
                 self.event(format!(
@@ -560,7 +532,7 @@ impl Machine<'_> {
                     self.event(format!("the source failed to drain ({reason}); the application leaves it anyway"));
                     self.finish_drain();
                 } else {
-                    self.fail(format!("{} on device {device}: {reason}", step_name(&current.step)));
+                    self.fail(format!("{} on device {device}: {reason}", current.step.name()));
                 }
             }
             StepOutcome::Done { manifest } => self.on_done(manifest.as_ref()),
@@ -688,7 +660,7 @@ impl Machine<'_> {
         self.state.current = None;
         self.state.health_wait = None;
         self.enter(MigrationPhase::Failed);
-        let failure = format!("failed in {}: {reason}", phase_name(phase));
+        let failure = format!("failed in {}: {reason}", phase.as_str());
         self.state.failure = Some(failure.clone());
         self.state.failed_phase = Some(phase);
         if self.state.target_runs {
@@ -820,7 +792,7 @@ mod tests {
         actions
             .iter()
             .filter_map(|action| match action {
-                Action::Send { device, step, .. } => Some((*device, step_name(step))),
+                Action::Send { device, step, .. } => Some((*device, step.name())),
                 _ => None,
             })
             .collect()
@@ -981,7 +953,7 @@ mod tests {
         assert_eq!(run.state.phase, MigrationPhase::Failed);
         assert_eq!(run.state.failed_phase, Some(phase));
         let failure = run.state.failure.clone().expect("a failure");
-        assert!(failure.starts_with(&format!("failed in {}: ", phase_name(phase))), "{failure}");
+        assert!(failure.starts_with(&format!("failed in {}: ", phase.as_str())), "{failure}");
         assert!(failure.contains(reason), "{failure}");
         assert!(actions.contains(&Action::RevertPlacement));
         assert!(actions.contains(&Action::DeleteBlobs));

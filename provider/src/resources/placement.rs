@@ -240,7 +240,7 @@ fn outcome(waited: Waited, spec: &PlacementSpec, timeout: Duration) -> Result<Mi
     match waited {
         Waited::Ended(migration) if migration.phase == MigrationPhase::Completed => Ok(migration),
         Waited::Ended(migration) => {
-            let phase = migration.failed_phase.map_or("an unknown phase", phase_name);
+            let phase = migration.failed_phase.map_or("an unknown phase", MigrationPhase::as_str);
             let reason = migration.failure.as_deref().unwrap_or("no reason given");
             // The server's reason may name the phase itself (`failed in ship: ...`).
             let reason = reason.strip_prefix("failed ").unwrap_or(reason);
@@ -263,7 +263,7 @@ fn outcome(waited: Waited, spec: &PlacementSpec, timeout: Duration) -> Result<Mi
         }
         Waited::TimedOut(last) => {
             let progress = match &last {
-                Some(migration) => format!("Migration {} is still in {}", migration.id, phase_name(migration.phase)),
+                Some(migration) => format!("Migration {} is still in {}", migration.id, migration.phase.as_str()),
                 None => "The migration could not be read".to_owned(),
             };
             let follow = match &last {
@@ -281,19 +281,6 @@ fn outcome(waited: Waited, spec: &PlacementSpec, timeout: Duration) -> Result<Mi
             ))
         }
         Waited::Unreadable(error) => Err(client_error("follow the migration", &error, |_| AttributePath::root())),
-    }
-}
-
-fn phase_name(phase: MigrationPhase) -> &'static str {
-    match phase {
-        MigrationPhase::Preflight => "preflight",
-        MigrationPhase::Quiesce => "quiesce",
-        MigrationPhase::Snapshot => "snapshot",
-        MigrationPhase::Ship => "ship",
-        MigrationPhase::Restore => "restore",
-        MigrationPhase::Cutover => "cutover",
-        MigrationPhase::Completed => "completed",
-        MigrationPhase::Failed => "failed",
     }
 }
 

@@ -568,6 +568,22 @@ pub enum MigrationStep {
     Release { application_id: ApplicationId },
 }
 
+impl MigrationStep {
+    /// The step's `kind`, as the protocol spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MigrationStep::Preflight { .. } => "preflight",
+            MigrationStep::Quiesce { .. } => "quiesce",
+            MigrationStep::Snapshot { .. } => "snapshot",
+            MigrationStep::Ship { .. } => "ship",
+            MigrationStep::Restore { .. } => "restore",
+            MigrationStep::Drain { .. } => "drain",
+            MigrationStep::Resume { .. } => "resume",
+            MigrationStep::Release { .. } => "release",
+        }
+    }
+}
+
 /// How a migration step ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]

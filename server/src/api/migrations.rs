@@ -195,10 +195,7 @@ pub async fn put_chunk(
     let (Some(manifest), MigrationPhase::Ship) = (&migration.manifest, migration.phase) else {
         return Err(ApiError::Conflict {
             field: None,
-            message: format!(
-                "migration {id} is in {}, not ship: no chunk is taken now",
-                crate::migrations::phase_name(migration.phase)
-            ),
+            message: format!("migration {id} is in {}, not ship: no chunk is taken now", migration.phase.as_str()),
         });
     };
     let Some(expected) = manifest.chunks.iter().find(|chunk| chunk.index == index) else {

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::entities::{device, placement};
 use super::{Db, StoreError, Write, check_revision, enum_text, parse_json, to_json};
-use crate::migrations::{Action, MigrationState, NewMigration, phase_name};
+use crate::migrations::{Action, MigrationState, NewMigration};
 
 /// The `migrations` table.
 pub(super) mod migration {
@@ -120,7 +120,7 @@ fn row_of(state: &MigrationState) -> Result<migration::ActiveModel, StoreError> 
         source_device_id: Set(state.source.0),
         target_device_id: Set(state.target.0),
         extra_device_id: Set(state.extra_device().map(|device| device.0)),
-        phase: Set(phase_name(state.phase).to_owned()),
+        phase: Set(state.phase.as_str().to_owned()),
         open: Set(state.is_open()),
         state: Set(to_json(state)?),
         created_at: Set(state.created_at),
@@ -368,7 +368,7 @@ impl Db {
         let rows = migration::Entity::find()
             .filter(migration::Column::ExtraDeviceId.eq(device_id.0))
             .filter(migration::Column::TargetDeviceId.eq(device_id.0))
-            .filter(migration::Column::Phase.eq(phase_name(edgible::model::MigrationPhase::Restore)))
+            .filter(migration::Column::Phase.eq(edgible::model::MigrationPhase::Restore.as_str()))
             .all(&self.conn)
             .await?;
         rows.into_iter().map(state_of).collect()

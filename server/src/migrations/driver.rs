@@ -237,7 +237,7 @@ impl Migrations {
             return Ok(());
         }
         if state.phase != before.phase {
-            tracing::info!(%migration, phase = super::phase_name(state.phase), "migration moved on");
+            tracing::info!(%migration, phase = state.phase.as_str(), "migration moved on");
         }
         self.after_commit(&state, actions).await;
         Ok(())

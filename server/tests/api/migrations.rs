@@ -30,7 +30,7 @@ pub(crate) struct Step {
 
 impl Step {
     fn kind(&self) -> &'static str {
-        edgible_server::migrations::step_name(&self.step)
+        self.step.name()
     }
 }
 
@@ -604,7 +604,7 @@ async fn rolled_back(
     let failed = until_phase(app, org, id, MigrationPhase::Failed).await?;
     ensure!(failed.failed_phase == Some(phase), "{failed:?}");
     let failure = failed.failure.clone().context("a failure")?;
-    ensure!(failure.starts_with(&format!("failed in {}", edgible_server::migrations::phase_name(phase))), "{failure}");
+    ensure!(failure.starts_with(&format!("failed in {}", phase.as_str())), "{failure}");
     let release = target.step("release").await?;
     ensure!(release.migration == id);
     let resume = source.step("resume").await?;

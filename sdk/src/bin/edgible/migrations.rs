@@ -223,7 +223,7 @@ pub fn failure_summary(name: &Name, migration: &Migration, devices: &[Device]) -
 fn failure_text(migration: &Migration) -> String {
     let reason = migration.failure.as_deref().unwrap_or("without a reason given");
     let reason = reason.strip_prefix("failed ").unwrap_or(reason);
-    let Some(phase) = migration.failed_phase.map(phase_name) else {
+    let Some(phase) = migration.failed_phase.map(MigrationPhase::as_str) else {
         return if reason.starts_with("in ") { reason.to_owned() } else { format!("in an unknown phase: {reason}") };
     };
     if reason.starts_with(&format!("in {phase}")) {
@@ -257,7 +257,7 @@ pub async fn follow(client: &Client, mut migration: Migration, timeout: Duration
                  `edgible migration get {}` shows how it ends",
                 seconds(timeout),
                 migration.id,
-                phase_name(migration.phase),
+                migration.phase.as_str(),
                 migration.id
             );
         }
@@ -318,7 +318,7 @@ impl Follower {
         let lines = migration.phases.iter().skip(self.shown).map(|record| phase_line(migration, record)).collect();
         self.shown = self.shown.max(migration.phases.len());
         if migration.phase != MigrationPhase::Ship {
-            let status = format!("{} ({} elapsed)", phase_name(migration.phase), seconds(elapsed));
+            let status = format!("{} ({} elapsed)", migration.phase.as_str(), seconds(elapsed));
             return Observation { lines, status, ship: None };
         }
         let shipped = migration.bytes_shipped;
@@ -350,7 +350,7 @@ fn phase_line(migration: &Migration, record: &MigrationPhaseRecord) -> String {
             (true, Some(downtime)) => format!("completed; downtime {:.3}s", downtime as f64 / 1000.0),
             _ => "completed".to_owned(),
         },
-        phase => phase_name(phase).to_owned(),
+        phase => phase.as_str().to_owned(),
     };
     format!("[{:>7}] {text}", seconds(at))
 }
@@ -488,7 +488,7 @@ pub async fn list(client: &Client, reference: &str, context: &Context) -> anyhow
                     migration.id.to_string(),
                     device_name(migration.source, &devices),
                     device_name(migration.target, &devices),
-                    phase_name(migration.phase).to_owned(),
+                    migration.phase.as_str().to_owned(),
                     migration.created_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
                     duration,
                     failure,
@@ -523,7 +523,7 @@ pub async fn run(command: MigrationCommand, context: &Context) -> anyhow::Result
                         .field("to", device_name(migration.target, &devices))
                         .field("placement", describe_placement(&migration.to, &devices, &pools))
                         .field("stateful", if migration.stateful { "yes (volumes move)" } else { "no" })
-                        .field("phase", phase_name(migration.phase))
+                        .field("phase", migration.phase.as_str())
                         .field("phases", phase_durations(&migration));
                     if migration.stateful {
                         details.field("shipped", ship_progress(migration.bytes_shipped, migration.bytes_total, None));
@@ -559,13 +559,13 @@ fn phase_durations(migration: &Migration) -> String {
         .iter()
         .map(|record| {
             if record.phase.is_final() {
-                return phase_name(record.phase).to_owned();
+                return record.phase.as_str().to_owned();
             }
             let end = record.finished_at.unwrap_or(now);
             let took = seconds((end - record.started_at).to_std().unwrap_or_default());
             match record.finished_at {
-                Some(_) => format!("{} {took}", phase_name(record.phase)),
-                None => format!("{} {took} so far", phase_name(record.phase)),
+                Some(_) => format!("{} {took}", record.phase.as_str()),
+                None => format!("{} {took} so far", record.phase.as_str()),
             }
         })
         .collect();
@@ -590,19 +590,6 @@ fn device_name(id: DeviceId, devices: &[Device]) -> String {
     match devices.iter().find(|device| device.id == id) {
         Some(device) => device.spec.name.to_string(),
         None => format!("cloud host {id}"),
-    }
-}
-
-pub fn phase_name(phase: MigrationPhase) -> &'static str {
-    match phase {
-        MigrationPhase::Preflight => "preflight",
-        MigrationPhase::Quiesce => "quiesce",
-        MigrationPhase::Snapshot => "snapshot",
-        MigrationPhase::Ship => "ship",
-        MigrationPhase::Restore => "restore",
-        MigrationPhase::Cutover => "cutover",
-        MigrationPhase::Completed => "completed",
-        MigrationPhase::Failed => "failed",
     }
 }
 
