@@ -4,9 +4,10 @@
 //!
 //! A workload is `starting` until its first passing check, then `running`; after
 //! `unhealthy_threshold` consecutive failures it is `unhealthy` until a check passes again.
-//! Until the first pass, checks run every `starting_interval` (at most the declared interval),
-//! so that a workload is reported running soon after it is ready. Without a declared check a
-//! workload counts as healthy as long as it runs.
+//! Until the first pass, checks run after pauses that start at 20 ms and double up to
+//! `starting_interval` (at most the declared interval), so that a workload is reported running
+//! soon after it is ready (a migrated application is down until then). Without a declared check
+//! a workload counts as healthy as long as it runs.
 //!
 //! [`HealthTracker`] holds the rules and does no IO; [`HealthMonitor`] runs the checks.
 
@@ -92,6 +93,30 @@ impl Default for HealthConfig {
     }
 }
 
+/// The pause after a starting workload's first failed check; it doubles with each further
+/// failure up to `starting_interval`. Most workloads listen within tens of milliseconds, and a
+/// migrated one is down until its first check passes.
+const FIRST_STARTING_PAUSE: Duration = Duration::from_millis(20);
+
+/// The pauses between the checks of a starting workload: [`FIRST_STARTING_PAUSE`], doubling
+/// up to `max`.
+struct StartingPauses {
+    next: Duration,
+    max: Duration,
+}
+
+impl StartingPauses {
+    fn new(max: Duration) -> Self {
+        Self { next: FIRST_STARTING_PAUSE.min(max), max }
+    }
+
+    fn next(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (self.next * 2).min(self.max);
+        pause
+    }
+}
+
 /// Runs the health checks of one workload while it lives; dropping it stops the checks.
 #[derive(Debug)]
 pub struct HealthMonitor {
@@ -132,6 +157,7 @@ async fn run_checks(
     let mut tracker = HealthTracker::new(check.unhealthy_threshold);
     let interval = Duration::from_secs(u64::from(check.interval_seconds.max(1)));
     let timeout = Duration::from_secs(u64::from(check.timeout_seconds.max(1)));
+    let mut starting = StartingPauses::new(config.starting_interval.min(interval));
     loop {
         let result = probe(&check, address, timeout).await;
         if tracker.record(result) {
@@ -139,7 +165,7 @@ async fn run_checks(
             wake.wake();
         }
         let pause = match tracker.state() {
-            HealthState::Starting { .. } => config.starting_interval.min(interval),
+            HealthState::Starting { .. } => starting.next(),
             HealthState::Healthy | HealthState::Unhealthy { .. } => interval,
         };
         tokio::time::sleep(pause).await;
@@ -228,6 +254,16 @@ mod tests {
         );
         assert!(tracker.record(Ok(())));
         assert_eq!(tracker.state(), &HealthState::Healthy);
+    }
+
+    #[test]
+    fn a_starting_workload_is_checked_soon_then_less_often() {
+        let ms = Duration::from_millis;
+        let mut pauses = StartingPauses::new(ms(250));
+        let seen: Vec<Duration> = (0..6).map(|_| pauses.next()).collect();
+        assert_eq!(seen, [ms(20), ms(40), ms(80), ms(160), ms(250), ms(250)]);
+        let mut pauses = StartingPauses::new(ms(10));
+        assert_eq!([pauses.next(), pauses.next()], [ms(10), ms(10)], "never above the maximum");
     }
 
     #[test]

@@ -18,15 +18,17 @@
 //! - `ship` (source): uploads the chunks the blob store lacks ([`blobs`]), retrying connection
 //!   errors with backoff until the deadline, so an upload resumes after a server restart.
 //! - `restore` (target): downloads the chunks (keeping those already verified), checks each
-//!   and the whole archive against the manifest, and only then replaces the application's
-//!   volumes with fresh images holding the archive's files.
+//!   on arrival and the whole archive as they arrive in order, and only once all passed
+//!   replaces the application's volumes with fresh images holding the archive's files.
 //! - `drain` (source, stateless, after cutover): HTTP/1 answers carry `Connection: close`, and
 //!   the step waits up to `drain_seconds` for the requests in flight.
 //! - `resume`: lifts the hold and opens the proxy again; the reconciler starts the workload.
 //! - `release`: refused while the application is desired here; else deletes its volumes and
 //!   snapshots.
 //!
-//! `snapshot`, `ship` and `restore` report `migration_progress` at most four times a second.
+//! `ship` and `restore` move [`TRANSFERS`] chunks at once (the downtime of a stateful
+//! migration is mostly these steps). `snapshot`, `ship` and `restore` report
+//! `migration_progress` at most four times a second.
 //! Results and progress wait in a small outbox that the session's writer empties; a result
 //! lost with a connection is sent again when the server repeats the step.
 
@@ -36,13 +38,14 @@ pub mod holds;
 pub mod steps;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use edgible::model::{Application, ApplicationId, MigrationId, Name};
-use edgible::protocol::v1::{AgentMessage, MAX_CHUNK_BYTES, MigrationStep, SnapshotManifest, StepOutcome};
+use edgible::protocol::v1::{AgentMessage, ChunkDigest, MAX_CHUNK_BYTES, MigrationStep, SnapshotManifest, StepOutcome};
+use futures::StreamExt;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -69,6 +72,8 @@ const POLL: Duration = Duration::from_millis(50);
 /// Retries of the blob store: the first delay, doubling up to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How many chunks ship or restore transfer at once.
+const TRANSFERS: usize = 3;
 
 /// What steps act on: the agent's volumes, holds, proxy gates, desired state and report.
 #[derive(Clone)]
@@ -153,7 +158,7 @@ impl Migrations {
         deadline: DateTime<Utc>,
         step: MigrationStep,
     ) -> StepOutcome {
-        let name = step_name(&step);
+        let name = step.name();
         tracing::info!(%migration_id, step_id, step = name, "running a migration step");
         let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         let progress = Progress { migrations: self, migration_id, step_id, last: Mutex::new(None) };
@@ -432,25 +437,65 @@ impl Step<'_> {
         }
         let stored = self.retry("listing the stored chunks", || blobs.list(self.migration_id)).await?;
         let total = manifest.total_bytes;
-        let mut done = 0u64;
-        for chunk in &manifest.chunks {
-            if stored.iter().any(|stored| stored.index == chunk.index && stored.sha256 == chunk.sha256) {
-                done += chunk.bytes;
-                continue;
-            }
-            let path = archive::chunk_path(&dir, chunk.index);
-            let bytes =
-                tokio::fs::read(&path).await.map_err(|error| format!("cannot read chunk {}: {error}", chunk.index))?;
-            archive::verify_bytes(chunk, &bytes).map_err(|error| error.to_string())?;
-            self.retry(&format!("uploading chunk {}", chunk.index), || {
-                blobs.put(self.migration_id, chunk, bytes.clone())
-            })
-            .await?;
-            done += chunk.bytes;
+        let missing: Vec<ChunkDigest> = manifest
+            .chunks
+            .iter()
+            .filter(|chunk| !stored.iter().any(|stored| stored.index == chunk.index && stored.sha256 == chunk.sha256))
+            .cloned()
+            .collect();
+        let mut done = total.saturating_sub(missing.iter().map(|chunk| chunk.bytes).sum::<u64>());
+        // Several uploads at once: one request at a time leaves the link and the server idle
+        // while each side hashes and stores a chunk.
+        let mut uploads = futures::stream::iter(missing)
+            .map(|chunk| self.upload_chunk(blobs, &dir, chunk))
+            .buffer_unordered(TRANSFERS);
+        while let Some(bytes) = uploads.next().await {
+            done += bytes?;
             self.progress.report(done, total, false);
         }
         self.progress.report(done, total, true);
         Ok(())
+    }
+
+    /// Reads, checks and uploads one chunk; answers its size.
+    async fn upload_chunk(&self, blobs: &BlobClient, dir: &Path, chunk: ChunkDigest) -> Result<u64, String> {
+        let path = archive::chunk_path(dir, chunk.index);
+        let bytes =
+            tokio::fs::read(&path).await.map_err(|error| format!("cannot read chunk {}: {error}", chunk.index))?;
+        archive::verify_bytes(&chunk, &bytes).map_err(|error| error.to_string())?;
+        let bytes = bytes::Bytes::from(bytes);
+        self.retry(&format!("uploading chunk {}", chunk.index), || blobs.put(self.migration_id, &chunk, bytes.clone()))
+            .await?;
+        Ok(chunk.bytes)
+    }
+
+    /// Makes chunk `chunk` of the snapshot be on disk in `dir`, checked: kept if already
+    /// there (an earlier attempt), else downloaded. Answers its bytes.
+    async fn download_chunk(&self, blobs: &BlobClient, dir: &Path, chunk: ChunkDigest) -> Result<Vec<u8>, String> {
+        let check_dir = dir.to_owned();
+        let check_chunk = chunk.clone();
+        let present = tokio::task::spawn_blocking(move || archive::verify_chunk(&check_dir, &check_chunk).ok())
+            .await
+            .ok()
+            .flatten();
+        if let Some(bytes) = present {
+            return Ok(bytes);
+        }
+        let bytes = self
+            .retry(&format!("downloading chunk {}", chunk.index), || {
+                blobs.get(self.migration_id, chunk.index, MAX_CHUNK_BYTES)
+            })
+            .await?;
+        archive::verify_bytes(&chunk, &bytes).map_err(|error| error.to_string())?;
+        let path = archive::chunk_path(dir, chunk.index);
+        let partial = dir.join(format!(".chunk-{}.part", chunk.index));
+        tokio::fs::write(&partial, &bytes)
+            .await
+            .map_err(|error| format!("cannot store chunk {}: {error}", chunk.index))?;
+        tokio::fs::rename(&partial, &path)
+            .await
+            .map_err(|error| format!("cannot store chunk {}: {error}", chunk.index))?;
+        Ok(bytes)
     }
 
     async fn restore(&self, application: &Application, manifest: Option<&SnapshotManifest>) -> Result<(), String> {
@@ -465,33 +510,28 @@ impl Step<'_> {
         let dir = self.snapshot_dir();
         write_application(&dir, application.id)?;
         let total = manifest.total_bytes;
+        let started = Instant::now();
         let mut done = 0u64;
-        for chunk in &manifest.chunks {
-            if archive::verify_chunk(&dir, chunk).is_err() {
-                let bytes = self
-                    .retry(&format!("downloading chunk {}", chunk.index), || {
-                        blobs.get(self.migration_id, chunk.index, MAX_CHUNK_BYTES)
-                    })
-                    .await?;
-                archive::verify_bytes(chunk, &bytes).map_err(|error| error.to_string())?;
-                let path = archive::chunk_path(&dir, chunk.index);
-                let partial = dir.join(format!(".chunk-{}.part", chunk.index));
-                tokio::fs::write(&partial, &bytes)
-                    .await
-                    .map_err(|error| format!("cannot store chunk {}: {error}", chunk.index))?;
-                tokio::fs::rename(&partial, &path)
-                    .await
-                    .map_err(|error| format!("cannot store chunk {}: {error}", chunk.index))?;
-            }
-            done += chunk.bytes;
+        // Downloads run [`TRANSFERS`] at once but arrive in order, each checked on its own, so
+        // the whole archive's digest grows meanwhile (on a blocking thread).
+        let mut downloads = futures::stream::iter(manifest.chunks.clone())
+            .map(|chunk| self.download_chunk(blobs, &dir, chunk))
+            .buffered(TRANSFERS);
+        let mut whole = archive::ArchiveDigest::default();
+        while let Some(bytes) = downloads.next().await {
+            let bytes = bytes?;
+            done += bytes.len() as u64;
+            whole = tokio::task::spawn_blocking(move || {
+                whole.update(&bytes);
+                whole
+            })
+            .await
+            .map_err(|error| format!("the verification task failed: {error}"))?;
             self.progress.report(done, total, false);
         }
-        let verify_dir = dir.clone();
-        let verify_manifest = manifest.clone();
-        tokio::task::spawn_blocking(move || archive::verify_snapshot(&verify_dir, &verify_manifest))
-            .await
-            .map_err(|error| format!("the verification task failed: {error}"))?
-            .map_err(|error| error.to_string())?;
+        drop(downloads);
+        whole.check(manifest).map_err(|error| error.to_string())?;
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "restore: archive verified");
         // Everything verified: only now are the volumes replaced.
         let mut targets = BTreeMap::new();
         for volume in storage {
@@ -501,6 +541,7 @@ impl Step<'_> {
                 volumes.mount_for_files(application.id, name, false).await.map_err(|error| error.to_string())?;
             targets.insert(name.to_owned(), files);
         }
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "restore: fresh volumes mounted");
         let unpack_manifest = manifest.clone();
         let unpacked =
             tokio::task::spawn_blocking(move || archive::unpack_snapshot(&dir, &unpack_manifest, &targets)).await;
@@ -510,6 +551,7 @@ impl Step<'_> {
             }
         }
         unpacked.map_err(|error| format!("the restore task failed: {error}"))?.map_err(|error| error.to_string())?;
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "restore: archive unpacked");
         self.arrive(application.id)?;
         self.progress.report(total, total, true);
         Ok(())
@@ -553,19 +595,6 @@ impl Step<'_> {
                 Err(error) => return Err(format!("{what}: {error}")),
             }
         }
-    }
-}
-
-fn step_name(step: &MigrationStep) -> &'static str {
-    match step {
-        MigrationStep::Preflight { .. } => "preflight",
-        MigrationStep::Quiesce { .. } => "quiesce",
-        MigrationStep::Snapshot { .. } => "snapshot",
-        MigrationStep::Ship { .. } => "ship",
-        MigrationStep::Restore { .. } => "restore",
-        MigrationStep::Drain { .. } => "drain",
-        MigrationStep::Resume { .. } => "resume",
-        MigrationStep::Release { .. } => "release",
     }
 }
 

@@ -154,7 +154,7 @@ impl Volumes {
                 fs::create_dir_all(&dir).map_err(io("create its directory"))?;
                 let partial = dir.join(format!(".{name}.img.new"));
                 fs::File::create(&partial).and_then(|file| file.set_len(bytes)).map_err(io("create the image"))?;
-                run(name, "mkfs.ext4", Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&partial), &[0]).await?;
+                run(name, "mkfs.ext4", Command::new("mkfs.ext4").args(MKFS_ARGS).arg(&partial), &[0]).await?;
                 // Renamed only once formatted, so a half-made image is never taken for a volume.
                 fs::rename(&partial, &image).map_err(io("create the image"))
             }
@@ -284,6 +284,11 @@ async fn unmount_dir(name: &str, dir: &Path) -> Result<(), VolumeError> {
     }
     run(name, "umount", Command::new("umount").arg(dir), &[0]).await.map(drop)
 }
+
+/// `mkfs.ext4`'s arguments: quiet, on a file, and fast (a restore formats while the
+/// application is down): no discard of the fresh sparse file, and the inode tables and the
+/// journal are zeroed lazily by the kernel after mounting instead of by `mkfs`.
+const MKFS_ARGS: [&str; 4] = ["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"];
 
 /// Waits (bounded) until no loop device is attached to an unmounted image. An unmount releases
 /// its loop device lazily, and `mount -o loop` reuses a device still attached to the same

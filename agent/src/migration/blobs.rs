@@ -75,7 +75,12 @@ impl BlobClient {
     }
 
     /// Uploads one chunk with its SHA-256.
-    pub async fn put(&self, migration_id: MigrationId, chunk: &ChunkDigest, bytes: Vec<u8>) -> Result<(), BlobError> {
+    pub async fn put(
+        &self,
+        migration_id: MigrationId,
+        chunk: &ChunkDigest,
+        bytes: bytes::Bytes,
+    ) -> Result<(), BlobError> {
         let response = self
             .http
             .put(self.url(migration_id, Some(chunk.index)))
