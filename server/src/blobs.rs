@@ -7,9 +7,14 @@
 //! listing answers from the small digest objects without re-reading chunks. Everything of a
 //! migration is deleted when it ends.
 //!
-//! The store is a local directory (`--blob-dir`) in production and memory in tests. S3 is not
-//! offered: `object_store`'s AWS client needs a TLS stack this binary does not use (aws-lc-rs
-//! next to ring), and it has not been tested against a real endpoint.
+//! The store is a local directory (`--blob-dir`, the default), an S3-compatible bucket
+//! (`--blob-url s3://BUCKET[/PREFIX]`, for servers that share no disk or keep big snapshots), or
+//! memory in tests. The S3 client takes its region, credentials and endpoint from the standard
+//! `AWS_*` variables ([`AmazonS3Builder::from_env`]); `--blob-s3-endpoint` overrides the endpoint,
+//! and plain `http://` is refused unless `--blob-s3-allow-http` says so. Its TLS goes through
+//! rustls with the process's default provider (the mains install ring), so it needs no other
+//! set-up. [`BlobStore::probe`] writes and deletes one small object, so a server whose bucket is
+//! unreachable or read-only fails at start, not at its first migration.
 
 use std::sync::Arc;
 
@@ -17,7 +22,9 @@ use bytes::Bytes;
 use edgible::model::MigrationId;
 use edgible::protocol::v1::ChunkDigest;
 use futures::TryStreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path;
+use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use sha2::{Digest, Sha256};
 
@@ -29,6 +36,40 @@ pub enum BlobError {
     Store(#[from] object_store::Error),
     #[error("the blob store holds a corrupt digest at {0}")]
     Corrupt(String),
+    #[error("--blob-url {url}: {message}")]
+    Url { url: String, message: String },
+    #[error("cannot use the S3 bucket of --blob-url {url}: {message}")]
+    S3 { url: String, message: String },
+    #[error("the blob store {store} is unreachable: {message}")]
+    Unreachable { store: String, message: String },
+}
+
+/// An S3-compatible bucket as the flags name it; everything else comes from the `AWS_*`
+/// environment (or, in tests, the builder given to [`BlobStore::s3_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    /// `s3://BUCKET[/PREFIX]` (`--blob-url`).
+    pub url: String,
+    /// The endpoint, when not AWS itself or `AWS_ENDPOINT_URL` (`--blob-s3-endpoint`).
+    pub endpoint: Option<String>,
+    /// Whether an `http://` endpoint is allowed (`--blob-s3-allow-http`).
+    pub allow_http: bool,
+}
+
+impl S3Location {
+    /// The bucket and the prefix (empty for none) of the URL.
+    fn bucket_and_prefix(&self) -> Result<(&str, &str), BlobError> {
+        let bad = |message: &str| BlobError::Url { url: self.url.clone(), message: message.to_owned() };
+        let rest = self.url.strip_prefix("s3://").ok_or_else(|| bad("must start with s3://"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("names no bucket"));
+        }
+        if !bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.') {
+            return Err(bad("the bucket name may hold only a-z, 0-9, '-' and '.'"));
+        }
+        Ok((bucket, prefix.trim_matches('/')))
+    }
 }
 
 /// Where snapshot chunks are kept. Cheap to clone.
@@ -71,6 +112,53 @@ impl BlobStore {
         Ok(Self { store: Arc::new(store) })
     }
 
+    /// A store in the S3 bucket `location` names, configured from the `AWS_*` environment.
+    pub fn s3(location: &S3Location) -> Result<Self, BlobError> {
+        Self::s3_with(AmazonS3Builder::from_env(), location)
+    }
+
+    /// A store in the S3 bucket `location` names, on top of `builder` (region, credentials and
+    /// endpoint already set as the caller wants; `location`'s endpoint wins).
+    pub fn s3_with(builder: AmazonS3Builder, location: &S3Location) -> Result<Self, BlobError> {
+        let (bucket, prefix) = location.bucket_and_prefix()?;
+        let mut builder = builder.with_bucket_name(bucket).with_allow_http(location.allow_http);
+        if let Some(endpoint) = &location.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        // The endpoint the client will use: the flag's, else `AWS_ENDPOINT_URL_S3`'s, else
+        // `AWS_ENDPOINT_URL`'s (none: AWS itself, over HTTPS).
+        let endpoint = location.endpoint.clone().or_else(|| {
+            [AmazonS3ConfigKey::S3Endpoint, AmazonS3ConfigKey::Endpoint]
+                .iter()
+                .find_map(|key| builder.get_config_value(key))
+        });
+        let fail = |message: String| BlobError::S3 { url: location.url.clone(), message };
+        let plain = endpoint.filter(|endpoint| endpoint.to_ascii_lowercase().starts_with("http://"));
+        if let Some(endpoint) = plain.filter(|_| !location.allow_http) {
+            return Err(fail(format!("the endpoint {endpoint} is plain HTTP; pass --blob-s3-allow-http to allow it")));
+        }
+        let store = builder.build().map_err(|error| fail(error.to_string()))?;
+        let store: Arc<dyn ObjectStore> =
+            if prefix.is_empty() { Arc::new(store) } else { Arc::new(PrefixStore::new(store, prefix)) };
+        Ok(Self { store })
+    }
+
+    /// Writes and deletes one small object, within `timeout`: checks once, at start, that the
+    /// store is reachable and writable.
+    pub async fn probe(&self, timeout: std::time::Duration) -> Result<(), BlobError> {
+        let path = Path::from(format!("probes/{}", uuid::Uuid::new_v4()));
+        let check = async {
+            self.store.put(&path, PutPayload::from_static(b"edgible blob store probe")).await?;
+            self.store.delete(&path).await
+        };
+        let unreachable = |message: String| BlobError::Unreachable { store: self.store.to_string(), message };
+        match tokio::time::timeout(timeout, check).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(unreachable(error.to_string())),
+            Err(_) => Err(unreachable(format!("no answer within {} s", timeout.as_secs()))),
+        }
+    }
+
     /// Stores a chunk whose digest the caller checked, then its digest.
     pub async fn put_chunk(&self, migration: MigrationId, index: u32, bytes: Bytes) -> Result<ChunkDigest, BlobError> {
         let digest = ChunkDigest { index, bytes: bytes.len() as u64, sha256: sha256_hex(&bytes) };
@@ -90,7 +178,13 @@ impl BlobStore {
             };
             let corrupt = || BlobError::Corrupt(object.location.to_string());
             let index: u32 = index.parse().map_err(|_| corrupt())?;
-            let text = self.store.get(&object.location).await?.bytes().await?;
+            // A migration's blobs are deleted in the background once it ends: a digest listed
+            // a moment ago may be gone now, and then its chunk is not stored any more.
+            let text = match self.store.get(&object.location).await {
+                Ok(found) => found.bytes().await?,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            };
             let text = std::str::from_utf8(&text).map_err(|_| corrupt())?;
             let (sha256, bytes) = text.split_once(' ').ok_or_else(corrupt)?;
             let bytes = bytes.parse().map_err(|_| corrupt())?;

@@ -200,6 +200,21 @@ pub struct ServeConfig {
     /// system's temporary directory with PostgreSQL.
     #[arg(long, value_name = "DIR")]
     pub blob_dir: Option<PathBuf>,
+
+    /// Keep migration snapshots in an S3-compatible bucket instead of a directory:
+    /// `s3://BUCKET[/PREFIX]`. Region, credentials and endpoint come from the standard `AWS_*`
+    /// environment variables (`AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_ENDPOINT_URL`, ...). The server writes and deletes a probe object at start.
+    #[arg(long, value_name = "URL", conflicts_with = "blob_dir")]
+    pub blob_url: Option<String>,
+
+    /// The S3 endpoint of `--blob-url` (e.g. MinIO's), over `AWS_ENDPOINT_URL`.
+    #[arg(long, value_name = "URL", requires = "blob_url")]
+    pub blob_s3_endpoint: Option<String>,
+
+    /// Allow a plain `http://` S3 endpoint (refused otherwise).
+    #[arg(long, requires = "blob_url")]
+    pub blob_s3_allow_http: bool,
 }
 
 impl ServeConfig {
@@ -259,7 +274,14 @@ impl ServeConfig {
             step_timeout: Duration::from_secs(self.migration_step_timeout),
             drain_seconds: self.migration_drain_seconds,
             retention: Duration::from_secs(self.migration_retention),
-            blobs: crate::blobs::BlobStore::local(&self.blob_dir())?,
+            blobs: match &self.blob_url {
+                Some(url) => crate::blobs::BlobStore::s3(&crate::blobs::S3Location {
+                    url: url.clone(),
+                    endpoint: self.blob_s3_endpoint.clone(),
+                    allow_http: self.blob_s3_allow_http,
+                })?,
+                None => crate::blobs::BlobStore::local(&self.blob_dir())?,
+            },
         })
     }
 
@@ -493,5 +515,34 @@ mod tests {
         assert_eq!(set.blob_dir(), PathBuf::from("/srv/blobs"));
         assert_eq!((set.migration_step_timeout, set.migration_retention, set.migration_drain_seconds), (5, 0, 1));
         assert!(parse(&["serve", "--database", "sqlite://x", "--migration-step-timeout", "0"]).is_err());
+    }
+
+    #[test]
+    fn an_s3_blob_url_excludes_a_blob_dir_and_plain_http_needs_consent() {
+        let base = ["serve", "--database", "sqlite://x"];
+        let serve = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            parse(&args).map(|config| match config.command {
+                Command::Serve(serve) => serve,
+                Command::Bootstrap(_) => panic!("expected serve"),
+            })
+        };
+        let both = serve(&["--blob-url", "s3://snapshots", "--blob-dir", "/srv/blobs"]).expect_err("exclusive");
+        assert!(both.to_string().contains("--blob-dir"), "{both}");
+        assert!(serve(&["--blob-s3-allow-http"]).is_err(), "only with --blob-url");
+        assert!(serve(&["--blob-s3-endpoint", "http://127.0.0.1:9000"]).is_err(), "only with --blob-url");
+
+        let plain = ["--blob-url", "s3://snapshots/edgible", "--blob-s3-endpoint", "http://127.0.0.1:9000"];
+        let refused = serve(&plain).expect("parsed").migration_settings().expect_err("plain HTTP is refused");
+        assert!(refused.to_string().contains("--blob-s3-allow-http"), "{refused}");
+        let allowed: Vec<&str> = plain.iter().copied().chain(["--blob-s3-allow-http"]).collect();
+        serve(&allowed).expect("parsed").migration_settings().expect("plain HTTP when allowed");
+        for bad in ["snapshots", "s3://", "s3:///prefix", "s3://Not_A_Bucket"] {
+            let error = serve(&["--blob-url", bad, "--blob-s3-endpoint", "https://s3.example.test"])
+                .expect("parsed")
+                .migration_settings()
+                .expect_err(bad);
+            assert!(error.to_string().contains("--blob-url"), "{bad}: {error}");
+        }
     }
 }

@@ -13,6 +13,9 @@ use crate::config::ServeConfig;
 use crate::db::{Db, StoreError};
 use crate::{AppState, router};
 
+/// How long the start waits for the blob store's probe object to be written and deleted.
+const BLOB_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
@@ -58,9 +61,12 @@ pub async fn serve(config: &ServeConfig, shutdown: impl Future<Output = ()>) -> 
     if stale > 0 {
         tracing::info!(devices_and_edges = stale, "marked devices and edges of a previous run offline");
     }
+    let migrations = config.migration_settings()?;
+    // An unreachable or read-only blob store fails the start, not the first migration.
+    migrations.blobs.probe(BLOB_PROBE_TIMEOUT).await?;
     let state = AppState::with_session_config(db, config.session_config())
         .with_domain_settings(config.domain_settings())
-        .with_migration_settings(config.migration_settings()?);
+        .with_migration_settings(migrations);
     // The first start on a database generates the internal CA; later starts load it.
     state.certificate_authority().await?;
     if config.issuer == crate::config::Issuer::Acme {

@@ -263,9 +263,16 @@ impl Migrations {
                     }
                 }
                 Action::DeleteBlobs => {
-                    if let Err(error) = self.blobs().delete(state.id).await {
-                        tracing::warn!(migration = %state.id, %error, "cannot delete a migration's blobs");
-                    }
+                    // In the background: on object storage this takes a round trip per chunk,
+                    // and the agent session that reported the cutover's healthy status waits
+                    // for this transition before it stores that status.
+                    let blobs = self.blobs().clone();
+                    let migration = state.id;
+                    tokio::spawn(async move {
+                        if let Err(error) = blobs.delete(migration).await {
+                            tracing::warn!(%migration, %error, "cannot delete a migration's blobs");
+                        }
+                    });
                 }
                 Action::DesiredChanged(_)
                 | Action::MoveRoute

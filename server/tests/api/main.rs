@@ -17,6 +17,7 @@ mod isolation;
 mod migrations;
 mod paging;
 mod postgres;
+mod s3;
 mod support;
 mod system;
 mod usage;

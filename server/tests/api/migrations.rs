@@ -406,7 +406,22 @@ fn placement_json_has_no_migration(placement: &Value) -> bool {
 }
 
 pub async fn a_stateful_migration_ships_its_volume_and_moves_the_route(url: String) -> anyhow::Result<()> {
-    let served = serve(&url, Duration::from_secs(300), Duration::from_secs(1)).await?;
+    a_stateful_migration_through(&url, edgible_server::blobs::BlobStore::default()).await
+}
+
+/// The stateful migration with its chunks kept in `blobs`: memory above, an S3 bucket in
+/// `crate::s3`.
+pub(crate) async fn a_stateful_migration_through(
+    url: &str,
+    blobs: edgible_server::blobs::BlobStore,
+) -> anyhow::Result<()> {
+    let settings = MigrationSettings {
+        step_timeout: Duration::from_secs(300),
+        retention: Duration::from_secs(1),
+        drain_seconds: 1,
+        blobs,
+    };
+    let served = TestApp::serve_migrating(url, SessionConfig::default(), settings).await?;
     let app = &served.app;
     let (org, mut source, mut target) = two_devices(&served).await?;
     let (web, web_placement, revision) = placed(app, &org, "web", source.device(), true).await?;
@@ -489,12 +504,21 @@ pub async fn a_stateful_migration_ships_its_volume_and_moves_the_route(url: Stri
     ensure!(shown["spec"]["device_id"] == target.device().to_string(), "{shown}");
     source.until_runs(web, false).await?;
     ensure!(target.runs(web));
-    // The status is the target's: the report that made it cut over.
-    let status = app.get(&format!("/v1/applications/{web}/status"), &org.admin_key).await?.expect(200)?;
-    ensure!(status.str("/phase")? == "running" && status.str("/device_id")? == target.device().to_string());
-    // The chunks are gone; the events tell the story.
-    let (_, listed) = list_chunks(&served, &target_credential, id).await?;
-    ensure!(listed["chunks"].as_array().is_some_and(Vec::is_empty), "{listed}");
+    // The status is the target's: the report that made it cut over (stored once the session
+    // has driven the cutover).
+    let target_device = target.device().to_string();
+    eventually("the target's report is the application's status", || async {
+        let status = app.get(&format!("/v1/applications/{web}/status"), &org.admin_key).await?.expect(200)?;
+        Ok(status.str("/phase")? == "running" && status.str("/device_id")? == target_device)
+    })
+    .await?;
+    // The chunks are gone (deleted in the background once it completed); the events tell
+    // the story.
+    eventually("the blobs are deleted", || async {
+        let (_, listed) = list_chunks(&served, &target_credential, id).await?;
+        Ok(listed["chunks"].as_array().is_some_and(Vec::is_empty))
+    })
+    .await?;
     let events = app.get(&format!("/v1/events?application_id={web}"), &org.admin_key).await?.expect(200)?;
     for needle in ["preflight passed", "snapshot made", "shipped", "restore done", "cutover", "completed"] {
         ensure!(
@@ -615,8 +639,11 @@ async fn rolled_back(
     let shown = placement(app, org, placement_id).await?;
     ensure!(shown["host"] == source.device().to_string() && shown.get("migration_id").is_none(), "{shown}");
     ensure!(shown["spec"]["device_id"] == source.device().to_string(), "the spec is back: {shown}");
-    let (_, listed) = list_chunks(served, &source.enrolled.credential, id).await?;
-    ensure!(listed["chunks"].as_array().is_some_and(Vec::is_empty), "blobs deleted: {listed}");
+    eventually("the blobs are deleted", || async {
+        let (_, listed) = list_chunks(served, &source.enrolled.credential, id).await?;
+        Ok(listed["chunks"].as_array().is_some_and(Vec::is_empty))
+    })
+    .await?;
     Ok(failed)
 }
 
