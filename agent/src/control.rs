@@ -111,47 +111,16 @@ pub trait Local: Send + Sync {
     }
 }
 
-/// A [`Local`] that executes migration steps: what `edgible-agent run` hands the session.
-pub struct WithMigrations<L> {
+/// A [`Local`] with a usage ledger and migration steps: what `edgible-agent run` hands the
+/// session. Everything else is the wrapped reconciler's.
+pub struct WithServices<L> {
     pub local: L,
+    pub usage: Arc<UsageLedger>,
     pub migrations: Arc<Migrations>,
 }
 
 #[async_trait::async_trait]
-impl<L: Local> Local for WithMigrations<L> {
-    async fn update(&self, update: DesiredUpdate) -> Result<UpdateOutcome, ReconcileError> {
-        self.local.update(update).await
-    }
-
-    fn report(&self) -> watch::Receiver<AgentReport> {
-        self.local.report()
-    }
-
-    fn logs(&self, application_id: ApplicationId) -> Option<LogBuffer> {
-        self.local.logs(application_id)
-    }
-
-    fn events(&self) -> EventLog {
-        self.local.events()
-    }
-
-    fn usage(&self) -> Option<Arc<UsageLedger>> {
-        self.local.usage()
-    }
-
-    fn migrations(&self) -> Option<Arc<Migrations>> {
-        Some(Arc::clone(&self.migrations))
-    }
-}
-
-/// A [`Local`] with a usage ledger: what `edgible-agent run` hands the session.
-pub struct WithUsage<L> {
-    pub local: L,
-    pub usage: Arc<UsageLedger>,
-}
-
-#[async_trait::async_trait]
-impl<L: Local> Local for WithUsage<L> {
+impl<L: Local> Local for WithServices<L> {
     async fn update(&self, update: DesiredUpdate) -> Result<UpdateOutcome, ReconcileError> {
         self.local.update(update).await
     }
@@ -173,7 +142,7 @@ impl<L: Local> Local for WithUsage<L> {
     }
 
     fn migrations(&self) -> Option<Arc<Migrations>> {
-        self.local.migrations()
+        Some(Arc::clone(&self.migrations))
     }
 }
 

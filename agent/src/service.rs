@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::backoff::RandomJitter;
 use crate::config::RunConfig;
-use crate::control::{self, ConnectError, ControlStats, HelloParams, WebSocketConnector, WithMigrations, WithUsage};
+use crate::control::{self, ConnectError, ControlStats, HelloParams, WebSocketConnector, WithServices};
 use crate::datapath::DataPath;
 use crate::driver::{ContainerDriver, Driver, ProcessDriver, VmDriver, WorkloadKind};
 use crate::enroll::{Enrolled, IdentityError};
@@ -102,7 +102,7 @@ pub async fn run(config: &RunConfig, shutdown: impl Future<Output = ()>) -> Resu
     ));
     let mut data_path = tokio::spawn(data_path.run(inputs, stop.subscribe()));
     let control_config = config.control_config();
-    let local = WithMigrations { local: WithUsage { local: Arc::clone(&reconciler), usage }, migrations };
+    let local = WithServices { local: Arc::clone(&reconciler), usage, migrations };
     let stats = Arc::new(ControlStats::default());
     let session_stats = Arc::clone(&stats);
     let mut session = tokio::spawn(async move {
